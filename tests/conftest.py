@@ -1,0 +1,40 @@
+"""Shared fixtures: a word-level tokenizer trained in-process and tiny Llama models built from configs."""
+
+import os
+
+import pytest
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+CORPUS = [" ".join(WORDS), "say a word : alpha", "repeat after me : beta gamma", "the reference text"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from trl_gae_ext.tiny import build_tokenizer
+
+    return build_tokenizer(CORPUS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory):
+    """A tiny causal LM and its tokenizer saved to disk, so it can be loaded by path like a hub model."""
+    from trl_gae_ext.tiny import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model(tokenizer, hidden_size=32, num_attention_heads=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def make_prompts(n: int, conversational: bool = False):
+    prompts = [f"say a word : {WORDS[i % len(WORDS)]}" for i in range(n)]
+    if conversational:
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
+    return prompts

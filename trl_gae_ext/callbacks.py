@@ -1,0 +1,101 @@
+"""Trainer callbacks: the adaptive KL controller, a lambda schedule, and the guards the trainer installs itself.
+
+PPO knobs live on the config: a callback changes `args.kl_coef` or `args.lam` and the trainer reads them at the next
+rollout. `PPOTrainer` calls `on_rollout_end(args, state, control, stats=...)` on every callback that defines it, after
+each rollout is scored, with that rollout's statistics (`objective/kl` is the mean per-sequence KL).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+
+logger = logging.getLogger(__name__)
+
+
+class AdaptiveKLCallback(TrainerCallback, ExportableState):
+    """Adaptive KL coefficient of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences", sec. 2.2):
+
+        e = clip(KL / target - 1, -0.2, 0.2);   beta <- beta * (1 + e * n_episodes / horizon)
+
+    Args:
+        target (`float`): target per-sequence KL (nats). The paper used 6 for stylistic continuation.
+        horizon (`int`): number of episodes over which the coefficient may change by a factor of e.
+        init_kl_coef (`float`, *optional*): starting coefficient; defaults to `args.kl_coef`.
+    """
+
+    def __init__(self, target: float = 6.0, horizon: int = 10000, init_kl_coef: float | None = None):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"AdaptiveKLCallback needs target > 0 and horizon > 0, got {target}, {horizon}.")
+        self.target, self.horizon = target, horizon
+        self.kl_coef = init_kl_coef
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.kl_coef is None:
+            self.kl_coef = args.kl_coef
+        if self.kl_coef <= 0:
+            raise ValueError("AdaptiveKLCallback needs kl_coef > 0: a zero coefficient can never adapt.")
+        args.kl_coef = self.kl_coef  # also restores the adapted value when resuming from a checkpoint
+
+    def on_rollout_end(self, args, state, control, stats=None, **kwargs):
+        kl = stats["objective/kl"]
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.kl_coef *= 1.0 + error * stats["episodes"] / self.horizon
+        args.kl_coef = self.kl_coef
+
+    def state(self) -> dict:
+        return {"args": {"target": self.target, "horizon": self.horizon}, "attributes": {"kl_coef": self.kl_coef}}
+
+
+class LambdaScheduleCallback(TrainerCallback):
+    """Moves the actor's GAE lambda linearly from `start` to `end` over the first `num_iterations` rollouts.
+
+    Typical use: start near 1 (Monte Carlo targets, independent of the untrained critic) and lower lambda as the
+    critic improves, trading variance for bias. Read at each rollout, so the change applies from the next one.
+    """
+
+    def __init__(self, start: float, end: float, num_iterations: int):
+        if not (0 <= start <= 1 and 0 <= end <= 1) or num_iterations < 1:
+            raise ValueError("LambdaScheduleCallback needs start, end in [0, 1] and num_iterations >= 1.")
+        self.start, self.end, self.num_iterations = start, end, num_iterations
+
+    def value(self, iteration: int) -> float:
+        frac = min(iteration / self.num_iterations, 1.0)
+        return self.start + frac * (self.end - self.start)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        args.lam = self.value(state.global_step // args.steps_per_rollout)
+
+    def on_rollout_end(self, args, state, control, stats=None, **kwargs):
+        args.lam = self.value(stats["iteration"] + 1)
+
+
+class NonFiniteUpdateGuard(TrainerCallback):
+    """Drops an optimizer step whose gradients hold NaN/inf, so a bad batch never reaches the weights.
+
+    Runs after clipping and before `optimizer.step()`; setting every gradient to None makes torch optimizers skip
+    the parameters entirely (no moment update either). In DDP the gradients are already all-reduced, so every
+    process sees the same non-finite values and skips together.
+    """
+
+    def __init__(self):
+        self.skipped = 0
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm(grads)
+        if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.skipped += 1
+        logger.warning("Non-finite gradient at step %d: the update was skipped.", state.global_step + 1)

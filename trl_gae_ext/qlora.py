@@ -1,0 +1,98 @@
+"""Loading the policy, optionally in 4 bits, and putting the policy and critic LoRA adapters on one shared base.
+
+One quantized base serves three roles: the policy (PEFT's `default` adapter), the critic (a `critic` adapter plus
+an fp32 value head) and the reference policy (adapters disabled). bitsandbytes is imported only when 4-bit is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from trl.trainer.utils import create_model_from_path
+
+from .modeling import CRITIC_ADAPTER
+
+
+logger = logging.getLogger(__name__)
+
+
+def model_init_kwargs(args) -> dict:
+    kwargs = args.model_init_kwargs or {}
+    if isinstance(kwargs, str):  # from the CLI
+        kwargs = json.loads(kwargs)
+    return dict(kwargs)
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def load_policy(model, args, quantization_config=None) -> PreTrainedModel:
+    """Load `model` (an id or path) as a causal LM with `args.model_init_kwargs`, or take a loaded model as is.
+
+    A quantized model is prepared for k-bit training (norms in fp32, input grads for checkpointing).
+    """
+    if isinstance(model, str):
+        kwargs = model_init_kwargs(args)
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+            kwargs.setdefault("dtype", getattr(quantization_config, "bnb_4bit_compute_dtype", None) or "auto")
+        model = create_model_from_path(model, AutoModelForCausalLM, **kwargs)
+    elif quantization_config is not None:
+        raise ValueError(
+            "`quantization_config` applies when `model` is an id or a path. Pass the id, or load the model "
+            "quantized yourself (`from_pretrained(..., quantization_config=...)`) and drop `quantization_config`."
+        )
+    if is_quantized(model) and not getattr(model, "_hf_peft_config_loaded", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False},
+        )
+    return model
+
+
+def attach_adapters(model, peft_config, with_critic: bool):
+    """Wrap `model` with the policy LoRA adapter and, for the `adapter` layout, a second `critic` adapter.
+
+    Both adapters train together: PEFT marks only the active adapter trainable, so every LoRA parameter is set
+    trainable explicitly.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if not isinstance(model, PeftModel):
+        if peft_config is None:
+            return model
+        model = get_peft_model(model, peft_config)
+    if with_critic and CRITIC_ADAPTER not in model.peft_config:
+        critic_config = copy.deepcopy(peft_config or model.peft_config[model.active_adapter])
+        critic_config.inference_mode = False
+        model.add_adapter(CRITIC_ADAPTER, critic_config)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+    return model
+
+
+def consumer_gpu_defaults(compute_dtype: torch.dtype = torch.bfloat16, lora_r: int = 16):
+    """Recommended 4-bit + LoRA settings for one consumer GPU: NF4, double quantization, bf16 compute, LoRA on all
+    linear layers. Returns `(BitsAndBytesConfig, LoraConfig)`."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    lora = LoraConfig(
+        r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    return quantization, lora
