@@ -131,6 +131,22 @@ def test_rouge_single_reference_string_equals_score():
     assert got == [scorer.score(refs[0], h)["rougeL"].fmeasure for h, refs in pairs]
 
 
+def test_rouge_scorer_all_types_at_once_equals_rouge_score():
+    from trl_gae_ext.rewards.text_metrics import build_rouge_scorer
+
+    types = ["rouge1", "rouge2", "rouge3", "rougeL", "rougeLsum"]
+    ours, theirs = build_rouge_scorer(types), rouge_scorer.RougeScorer(types)
+    for hyp, refs in random_pairs(seed=11, n=80, max_refs=3):
+        assert ours.score_multi(refs, hyp) == theirs.score_multi(refs, hyp)
+        assert ours.score(refs[0], hyp) == theirs.score(refs[0], hyp)
+
+
+def test_perfect_match_is_exactly_one():
+    text = "the cat sat on the mat ."
+    for reward in (BleuReward(), RougeReward(), RougeReward("rouge2"), ChrFReward(), TokenF1Reward()):
+        assert call(reward, [text, "我爱北京天安门"], [text, "我爱北京天安门"]) == [1.0, 1.0], reward.__name__
+
+
 def test_rouge_names_and_bad_options():
     assert RougeReward().__name__ == "rougeL"
     assert RougeReward("rouge2", measure="r").__name__ == "rouge2_r"

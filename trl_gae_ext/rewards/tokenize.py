@@ -66,16 +66,19 @@ class CJKRougeTokenizer:
 
     def __init__(self, use_stemmer: bool = False):
         self.use_stemmer = use_stemmer
+        self._tokenize = None  # rouge_score's tokenize function, bound on first use (not pickled)
         self._stemmer = None
 
     def _rouge_tokenize(self, text: str) -> list[str]:
-        from rouge_score import tokenize as rouge_tokenize
+        if self._tokenize is None:
+            from rouge_score import tokenize as rouge_tokenize
 
-        if self.use_stemmer and self._stemmer is None:
-            from nltk.stem import porter
+            if self.use_stemmer:
+                from nltk.stem import porter
 
-            self._stemmer = porter.PorterStemmer()
-        return rouge_tokenize.tokenize(text, self._stemmer)
+                self._stemmer = porter.PorterStemmer()
+            self._tokenize = rouge_tokenize.tokenize
+        return self._tokenize(text, self._stemmer)
 
     def tokenize(self, text: str) -> list[str]:
         if not CJK_CHAR_RE.search(text):
@@ -89,7 +92,7 @@ class CJKRougeTokenizer:
         return tokens
 
     def __getstate__(self):
-        return {"use_stemmer": self.use_stemmer, "_stemmer": None}
+        return {"use_stemmer": self.use_stemmer, "_tokenize": None, "_stemmer": None}
 
     def __repr__(self) -> str:
         return f"CJKRougeTokenizer(use_stemmer={self.use_stemmer})"
