@@ -70,6 +70,10 @@ class PPOConfig(TrainingArguments):
     # Parameters whose default values are overridden from TrainingArguments
     learning_rate: float = field(default=3e-6, metadata={"help": "The initial learning rate for AdamW."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True,
+        metadata={"help": "Restore stateful callbacks (e.g. the adaptive KL coefficient) when resuming."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: every dataset column is passed to the reward functions as a keyword."},

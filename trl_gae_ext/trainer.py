@@ -585,7 +585,7 @@ class PPOTrainer(Trainer):
         for name, value in zip(self.reward_func_names, means[1:]):
             metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = value
         wrapper.train(was_training)
-        self.log(metrics)
+        self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
