@@ -30,7 +30,25 @@ _LAZY = {
 }
 _SUBMODULES = {"rewards", "gae", "value_head", "config", "trainer", "callbacks", "qlora", "planner", "cli", "demo"}
 
-__all__ = sorted(_LAZY) + ["rewards", "__version__"]
+__all__ = [
+    "AdaptiveKLCallback",
+    "LambdaScheduleCallback",
+    "PPOConfig",
+    "PPOTrainer",
+    "ValueHead",
+    "__version__",
+    "adaptive_lambda",
+    "compute_decoupled_gae",
+    "compute_gae",
+    "explained_variance",
+    "kl_penalty",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "rewards",
+    "value_loss",
+]
 
 
 def __getattr__(name):
