@@ -1,0 +1,286 @@
+"""Tests of the memory planner: exact counts against transformers/PEFT/bitsandbytes, formulas, CLI."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+from trl_gae_ext import planner
+from trl_gae_ext.planner import (
+    GIB,
+    REFERENCE_CONFIGS,
+    ModelShape,
+    count_parameters,
+    estimate_ppo_memory,
+    layer_activation_bytes,
+    lora_parameters,
+    plan_main,
+    weight_bytes,
+)
+
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4)
+
+# One table of tiny configs for the exact parameter counts: GQA, tied/untied, every bias layout.
+CONFIG_TABLE = {
+    "llama-gqa-untied": LlamaConfig(**TINY, num_key_value_heads=2, tie_word_embeddings=False),
+    "llama-tied": LlamaConfig(**TINY, num_key_value_heads=4, tie_word_embeddings=True),
+    "llama-biases": LlamaConfig(**TINY, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
+    "llama-head-dim": LlamaConfig(**TINY, num_key_value_heads=2, head_dim=32),
+    "qwen2-untied": Qwen2Config(**TINY, num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2-tied": Qwen2Config(**TINY, num_key_value_heads=1, tie_word_embeddings=True),
+    "mistral": MistralConfig(**TINY, num_key_value_heads=2),
+}
+
+
+def _numel(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(CONFIG_TABLE))
+def test_parameter_count_matches_transformers(name):
+    config = CONFIG_TABLE[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    counts = count_parameters(config)
+    assert counts.total == _numel(model)
+    linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    )
+    assert counts.linear_weights == linear
+    assert count_parameters(config.to_dict()).total == counts.total  # a dict gives the same count
+
+
+def test_qwen3_parameter_count_with_qk_norm():
+    qwen3 = pytest.importorskip("transformers").Qwen3Config(**TINY, num_key_value_heads=2, head_dim=24)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(qwen3)
+    assert count_parameters(qwen3).total == _numel(model)
+
+
+def test_reference_shapes_match_published_checkpoint_sizes():
+    # "total_size" of each model's model.safetensors.index.json (bf16, 2 bytes per parameter) / 2.
+    published = {
+        "qwen2.5-7b": 15_231_233_024 // 2,
+        "llama-3.1-8b": 16_060_522_496 // 2,
+        "qwen2.5-14b": 29_540_067_328 // 2,
+        "qwen2.5-32b": 65_527_752_704 // 2,
+    }
+    for name, total in published.items():
+        assert count_parameters(REFERENCE_CONFIGS[name]).total == total, name
+
+
+@pytest.mark.parametrize("target", ["all-linear", ["q_proj", "v_proj"], ["down_proj"]])
+def test_lora_count_matches_peft(target):
+    from peft import LoraConfig, get_peft_model
+
+    config = CONFIG_TABLE["qwen2-untied"]
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=4, target_modules=target))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_parameters(config, 4, target) == trainable
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_model(tmp_path_factory):
+    """A tiny Qwen2 (q/k/v biases, untied head) saved to disk, to be loaded in 4-bit like a real checkpoint."""
+    config = Qwen2Config(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path, config
+
+
+def _quant_state_bytes(model):
+    """Bytes of all quantization-state tensors (absmax, nested absmax, codes, offsets), each storage once."""
+    import bitsandbytes as bnb
+
+    storages = {}
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            qs = module.weight.quant_state
+            tensors = [qs.absmax, qs.code, qs.offset] + ([qs.state2.absmax, qs.state2.code] if qs.nested else [])
+            for t in tensors:
+                if t is not None:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_4bit_weight_bytes_match_bitsandbytes(saved_tiny_model, double_quant):
+    import bitsandbytes as bnb
+
+    path, config = saved_tiny_model
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16)
+    # What gets quantized: every decoder Linear, not the embeddings and not lm_head.
+    quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(quantized) == 7 * config.num_hidden_layers and not any("lm_head" in n for n in quantized)
+    assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.bfloat16
+    estimate = weight_bytes(config, load_in_4bit=True, dtype="bfloat16", double_quant=double_quant)
+    # get_memory_footprint counts the packed 4-bit data (0.5 byte/weight) and the bf16 rest, not the quant state:
+    assert estimate == model.get_memory_footprint(return_buffers=False) + _quant_state_bytes(model)
+    # ... so the two agree within the quant state: absmax is 1/64 byte per weight with double quant (3% of the packed
+    # data), 4/64 without (12.5%), plus ~1 KB per tensor.
+    assert estimate == pytest.approx(model.get_memory_footprint(), rel=0.04 if double_quant else 0.07)
+
+
+def test_bf16_weight_bytes_match_footprint():
+    config = CONFIG_TABLE["llama-biases"]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    assert weight_bytes(config, load_in_4bit=False) == model.get_memory_footprint(return_buffers=False)
+
+
+def test_layer_activation_formula_matches_saved_tensors():
+    """Per-layer saved-for-backward bytes of a bf16 model with fp32 LoRA on all linears, from autograd hooks."""
+    from peft import LoraConfig, get_peft_model
+
+    def saved_bytes(num_layers, batch=2, seq=32):
+        config = LlamaConfig(**{**TINY, "num_hidden_layers": num_layers}, num_key_value_heads=2)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear")).train()
+        params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        seen = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(0, 320, (batch, seq)), output_hidden_states=True, logits_to_keep=1)
+        return sum(seen.values()) / (batch * seq), config
+
+    (one, _), (three, config) = saved_bytes(1), saved_bytes(3)
+    per_layer = (three - one) / 2
+    assert per_layer == layer_activation_bytes(ModelShape.from_config(config), lora_r=8, dtype_bytes=2)
+
+
+def test_hand_calculation():
+    # Llama, H=64, I=128, L=2, 4 heads of 16, 2 KV heads (kv_dim 32), V=100, untied, no biases.
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    # Linear weights per layer: q 64*64=4096, k 64*32=2048, v 2048, o 4096, gate/up/down 64*128=8192 each.
+    # 4-bit bytes per weight of n params: n/2 + ceil(n/64) absmax + 4*ceil(ceil(n/64)/256) + 1092 per-tensor state:
+    #   4096 -> 2048 + 64 + 4 + 1092 = 3208;  2048 -> 1024 + 32 + 4 + 1092 = 2152;  8192 -> 4096 + 128 + 4 + 1092 = 5320
+    #   per layer 2*3208 + 2*2152 + 3*5320 = 26680; two layers 53360
+    # bf16 rest: embed 6400 + lm_head 6400 + norms (2 layers * 128 + final 64) = 320 -> 13120 params * 2 = 26240
+    assert weight_bytes(config) == 53360 + 26240 == 79600
+    # LoRA r=4 per layer: 4*(64+64) + 4*(64+32)*2 + 4*(64+64) + 4*(64+128)*3 = 512 + 768 + 512 + 2304 = 4096; x2 layers
+    assert lora_parameters(config, 4) == 8192
+    # batch 2, prompt 3 + response 5, adapter layout: 2 adapters (8192 each), value head 65 params.
+    est = estimate_ppo_memory(config, batch_size=2, prompt_length=3, response_length=5, lora_r=4)
+    assert est.base_weights == 79600
+    assert est.adapters == 2 * 8192 * 4 == 65536
+    assert est.value_head == 65 * 4 == 260
+    assert est.trainable_parameters == 2 * 8192 + 65 == 16449
+    assert est.optimizer_states == 16449 * 8 == 131592
+    assert est.gradients == 16449 * 4 == 65796
+    # KV: 2 (k, v) * 2 layers * 32 kv_dim * 8 tokens * 2 sequences * 2 bytes
+    assert est.kv_cache == 2 * 2 * 32 * 8 * 2 * 2 == 4096
+    # logits: micro batch 2 * V 100 * (2 bytes * 8 tokens + 12 bytes * 5 response tokens)
+    assert est.logits == 2 * 100 * (16 + 60) == 15200
+    # one layer per token: LoRA casts 4*(6*64 + 128) + 4*4*7 = 2160; norms 2*(4*64+4) = 520;
+    # attention 2*(2*64 + 2*32) + 4*4 = 400; MLP 3*2*128 = 768 -> 3848
+    assert layer_activation_bytes(est.shape, 4) == 3848
+    # checkpointed: 16 tokens * (2 graphs * 2 layers * 2*64 + 3848 + backward 2*(10*64 + 64))
+    assert est.activations == 16 * (512 + 3848 + 1408) == 92288
+    assert est.peak == max(est.phases.values())
+    assert est.cuda_overhead == planner.CUDA_CONTEXT_BYTES + int(0.10 * est.peak_allocated)
+
+
+REF = dict(batch_size=8, prompt_length=256, response_length=512)
+
+
+def _peak(model="qwen2.5-7b", **kw):
+    return estimate_ppo_memory(REFERENCE_CONFIGS[model], **{**REF, **kw}).peak
+
+
+@pytest.mark.parametrize(
+    "smaller, larger",
+    [
+        ({"model": "qwen2.5-7b"}, {"model": "qwen2.5-14b"}),
+        ({"model": "qwen2.5-14b"}, {"model": "qwen2.5-32b"}),
+        ({"batch_size": 4}, {"batch_size": 8}),
+        ({"response_length": 256}, {"response_length": 512}),
+        ({"prompt_length": 128}, {"prompt_length": 256}),
+        ({"gradient_checkpointing": True}, {"gradient_checkpointing": False}),
+        ({"load_in_4bit": True}, {"load_in_4bit": False}),
+        ({"lora_r": 8}, {"lora_r": 64}),
+        ({"micro_batch_size": 2}, {"micro_batch_size": 8}),
+    ],
+)
+def test_peak_is_monotonic(smaller, larger):
+    assert _peak(**smaller) < _peak(**larger)
+
+
+def test_value_head_layouts_are_ordered():
+    adapter, shared, separate = (_peak(value_head=v) for v in ("adapter", "shared", "separate"))
+    assert separate > adapter >= shared
+    assert separate - adapter > 4 * GIB  # a second base model
+    assert (adapter - shared) / adapter < 0.25  # a second adapter and graph only
+
+
+def test_suggestions_when_it_does_not_fit():
+    est = estimate_ppo_memory(REFERENCE_CONFIGS["qwen2.5-14b"], **REF, gradient_checkpointing=False)
+    assert not est.fits(24)
+    suggestions = est.suggestions(24)
+    assert any("--gradient-checkpointing" in s for s in suggestions)
+    assert any("micro batch" in s for s in suggestions)
+    assert any("fits" in s for s in suggestions)
+    assert est.fits(1000) and est.suggestions(1000) == []
+    separate = estimate_ppo_memory(REFERENCE_CONFIGS["qwen2.5-32b"], **REF, value_head="separate", load_in_4bit=False)
+    texts = " ".join(separate.suggestions(24))
+    assert 'value_head="adapter"' in texts and "--load-in-4bit" in texts and "combined" in texts
+
+
+def test_invalid_settings_raise():
+    with pytest.raises(ValueError, match="value_head"):
+        estimate_ppo_memory(REFERENCE_CONFIGS["qwen2.5-7b"], **REF, value_head="both")
+    with pytest.raises(ValueError, match="LoRA target"):
+        estimate_ppo_memory(REFERENCE_CONFIGS["qwen2.5-7b"], **REF, lora_target=["c_attn"])
+
+
+def test_plan_main_reference_shape(capsys):
+    assert plan_main(["--model", "qwen2.5-7b", "--gpu-memory", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2.5-7b" in out and "peak:" in out and "KV cache" in out and "logits" in out
+
+
+def test_plan_main_local_config(tmp_path, capsys):
+    config = CONFIG_TABLE["qwen2-untied"]
+    config.save_pretrained(tmp_path)  # writes config.json only
+    assert plan_main(["--model", str(tmp_path / "config.json"), "--gpu-memory", "1"]) == 0
+    assert plan_main(["--model", str(tmp_path), "--value-head", "all", "--no-load-in-4bit"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2" in out and "value-head layouts:" in out and "separate" in out
+
+
+@pytest.mark.parametrize("model", ["no-such-org/no-such-model", "/no/such/dir/config.json"])
+def test_plan_main_unknown_model(model, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail fast instead of waiting on hub retries
+    assert plan_main(["--model", model]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and model in err and "error" in err
+
+
+def test_hub_alias_falls_back_offline(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert plan_main(["--model", "Qwen/Qwen2.5-7B-Instruct"]) == 0
+    assert "built-in 'qwen2.5-7b'" in capsys.readouterr().out
+
+
+def test_report_numbers_are_consistent():
+    est = estimate_ppo_memory("qwen2.5-7b", **REF)
+    data = json.loads(json.dumps(est.to_dict()))
+    parts = ("base_weights", "adapters", "value_head", "optimizer_states", "dequant_workspace", "gradients",
+             "activations", "logits")  # fmt: skip
+    training = sum(data[p] for p in parts)
+    assert est.phases["training"] == training + planner._overhead(training)
+    assert est.peak == max(est.phases.values()) and est.peak == est.peak_allocated + est.cuda_overhead
+    report = est.format_report(24)
+    assert f"{est.peak / GIB:.2f} GiB" in report
