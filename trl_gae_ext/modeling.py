@@ -189,18 +189,22 @@ class PolicyValueModel(nn.Module):
         return selective_log_softmax(logits[:, :-1].float() / temperature, input_ids[:, -r:])
 
     # -- Trainer integration -----------------------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ):
+        kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
         for model in (self.policy, self.critic):
-            if model is not None and hasattr(model, "gradient_checkpointing_enable"):
+            if model is None:
+                continue
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+            else:  # transformers < 5.x
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-                if hasattr(model, "enable_input_require_grads"):  # needed with frozen embeddings (LoRA)
-                    model.enable_input_require_grads()
+            if hasattr(model, "enable_input_require_grads"):  # frozen embeddings (LoRA) still need input grads
+                model.enable_input_require_grads()
 
-    def gradient_checkpointing_disable(self):
-        for model in (self.policy, self.critic):
-            if model is not None and hasattr(model, "gradient_checkpointing_disable"):
-                model.gradient_checkpointing_disable()
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor that training changes: trainable parameters of policy and critic, and the value head."""
