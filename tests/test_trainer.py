@@ -360,3 +360,25 @@ def test_unknown_choices_list_the_valid_values(tmp_path, field, value, valid):
 def test_save_steps_must_fall_between_rollouts(tmp_path):
     with pytest.raises(ValueError, match="multiple of the optimizer steps per rollout"):
         make_args(tmp_path, save_strategy="steps", save_steps=3)
+
+
+def test_async_rewards_and_a_reward_model_without_saved_tokenizer(tmp_path, tokenizer, caplog):
+    async def async_one(prompts, completions, **kwargs):
+        return [1.0] * len(prompts)
+
+    reward_model = build_tiny_model(
+        tokenizer, hidden_size=32, num_attention_heads=2, model_class=AutoModelForSequenceClassification,
+        num_labels=1, seed=3,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="trl_gae_ext.scoring"):
+        trainer = PPOTrainer(make_model(tokenizer), [async_one, reward_model], args=make_args(
+            tmp_path, total_episodes=8, reward_weights=[0.5, 2.0]), train_dataset=dataset(8),
+            processing_class=tokenizer)  # fmt: skip
+    assert any("no saved tokenizer" in r.message for r in caplog.records)
+    assert trainer.reward_func_names[0] == "async_one"
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["rewards/async_one/mean"] == 1.0
+    name = trainer.reward_func_names[1]
+    # scores = 0.5 * 1.0 + 2.0 * reward model output, averaged over the batch
+    assert first["objective/scores"] == pytest.approx(0.5 + 2.0 * first[f"rewards/{name}/mean"], abs=1e-5)
