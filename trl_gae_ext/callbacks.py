@@ -8,10 +8,12 @@ each rollout is scored, with that rollout's statistics (`objective/kl` is the me
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, ProgressCallback
 
 
 logger = logging.getLogger(__name__)
@@ -99,3 +101,25 @@ class NonFiniteUpdateGuard(TrainerCallback):
                 p.grad = None
         self.skipped += 1
         logger.warning("Non-finite gradient at step %d: the update was skipped.", state.global_step + 1)
+
+
+class IterationProgressCallback(ProgressCallback):
+    """The `Trainer`'s progress bar counted in PPO iterations (rollouts), with the latest score and KL."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            total = math.ceil(state.max_steps / args.steps_per_rollout)
+            self.training_bar = tqdm(total=total, desc="PPO iterations", unit="it", dynamic_ncols=True)
+            self.training_bar.update(state.global_step // args.steps_per_rollout)  # resumed runs
+        self.current_step = state.global_step // args.steps_per_rollout
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = state.global_step // args.steps_per_rollout
+        if state.is_world_process_zero and self.training_bar is not None:
+            self.training_bar.update(done - self.current_step)
+        self.current_step = done
+
+    def on_rollout_end(self, args, state, control, stats=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None:
+            score, kl = stats["objective/scores"], stats["objective/kl"]
+            self.training_bar.set_postfix(score=f"{score:.3g}", kl=f"{kl:.3g}", refresh=False)

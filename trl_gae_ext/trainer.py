@@ -25,11 +25,12 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, Trainer
+from transformers.trainer_callback import ProgressCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.trainer.utils import disable_dropout_in_model, identity, pad, print_prompt_completions_sample
 
-from .callbacks import AdaptiveKLCallback, NonFiniteUpdateGuard
+from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard
 from .config import PPOConfig
 from .gae import (
     adaptive_lambda,
@@ -174,6 +175,9 @@ class PPOTrainer(Trainer):
         self.generation_config = self._generation_config(tokenizer, sampling=True)
         self.nonfinite_guard = NonFiniteUpdateGuard()
         self.add_callback(self.nonfinite_guard)
+        if not args.disable_tqdm:  # count the bar in PPO iterations rather than optimizer steps
+            self.remove_callback(ProgressCallback)
+            self.add_callback(IterationProgressCallback)
 
         self.global_rollout_batch_size = args.local_rollout_batch_size * self.accelerator.num_processes
         if train_dataset is not None and hasattr(train_dataset, "__len__"):
