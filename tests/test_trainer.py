@@ -1,5 +1,6 @@
 """PPOTrainer end to end on tiny models built from configs (offline, CPU)."""
 
+import copy
 import logging
 
 import pytest
@@ -319,10 +320,7 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path, tokenizer):
 
 
 def test_tokenizer_without_pad_token_falls_back_to_eos(tmp_path, tokenizer):
-    tok = tokenizer.__class__.from_pretrained  # noqa: F841 (keep the session tokenizer untouched)
-    import copy
-
-    no_pad = copy.deepcopy(tokenizer)
+    no_pad = copy.deepcopy(tokenizer)  # the session tokenizer stays untouched
     no_pad.pad_token = None
     trainer = PPOTrainer(make_model(tokenizer), length_reward, args=make_args(tmp_path, total_episodes=8),
                          train_dataset=dataset(8), processing_class=no_pad)  # fmt: skip
