@@ -13,6 +13,7 @@ Usage: python benchmarks/gae.py [--batch-size 64] [--lengths 128 1024] [--repeat
 """
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -99,7 +100,8 @@ def main():
     default_threads = torch.get_num_threads()
     print(
         f"torch {torch.__version__} on {platform.machine()} ({default_threads} threads by default); B={args.batch_size}, "
-        f"float32, gamma=0.99; median of {args.repeats} runs; ragged batch (one empty row, one full row)"
+        f"float32, gamma=0.99; median of {args.repeats} runs; ragged batch (one empty row, one full row); "
+        f"load average at start {os.getloadavg()[0]:.2f}"
     )
     header = (
         "| threads | T    | lambda  | TRL 1.12 loop (ms) | compute_gae (ms) | speed-up | max abs diff | "
