@@ -2,7 +2,9 @@
 
 import logging
 import pickle
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import evaluate
@@ -207,3 +209,22 @@ def test_fallback_when_evaluate_load_fails(monkeypatch, caplog):
     else:  # a machine that does reach the Hub loads the Hub's module
         assert messages == []
     assert module.compute(predictions=["a b c d"], references=[["a b c d"]])["bleu"] == pytest.approx(1.0)
+
+
+def test_fallback_when_the_hub_does_not_answer(monkeypatch, caplog):
+    """No offline variable, but nothing listens at the Hub endpoint: the quick probe fails and evaluate.load is not
+    even tried (no retries, no timeouts)."""
+    with socket.socket() as sock:  # a port that was free a moment ago: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for var in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(evaluate_reward_module, "_hub_state", {})
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger=evaluate_reward_module.__name__):
+        reward = EvaluateReward("chrf")
+        values = call(reward)
+    assert time.perf_counter() - start < 5
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == ["the Hugging Face Hub does not answer"]
+    assert values == [None if v is None else 100 * v for v in call(ChrFReward())]

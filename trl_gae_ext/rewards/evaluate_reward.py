@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from numbers import Number
 from pathlib import Path
@@ -62,15 +63,24 @@ def _offline_env() -> str | None:
 
 
 def _hub_answers(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
-    """One HEAD request to the Hub endpoint with a short timeout (honours HF_ENDPOINT and proxy variables)."""
+    """One HEAD request to the Hub endpoint (honours HF_ENDPOINT and proxy variables), in a daemon thread so that
+    a hanging DNS lookup, which `requests`' timeout does not cover, cannot hold the caller longer than `timeout`."""
     import requests
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        requests.head(endpoint, timeout=timeout, allow_redirects=False)
-    except requests.RequestException:
-        return False
-    return True
+    answered: list[bool] = []
+
+    def probe():
+        try:
+            requests.head(endpoint, timeout=timeout, allow_redirects=False)
+            answered.append(True)
+        except requests.RequestException:
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered and answered[0])
 
 
 def load_metric(name_or_path: str, **load_kwargs):
