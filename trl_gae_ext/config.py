@@ -1,9 +1,10 @@
 """`PPOConfig`: the training arguments of `PPOTrainer`.
 
 Field names of the removed `trl.experimental.ppo.PPOConfig` (TRL <= 1.12) keep their meaning, so moving over is a
-change of import. Batch arithmetic is the old one too: one rollout collects
-`per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches` episodes per process, then runs
-`num_ppo_epochs` passes of `num_mini_batches` optimizer steps over them.
+change of import. One rollout collects `per_device_train_batch_size * gradient_accumulation_steps *
+num_mini_batches` episodes per process (TRL 1.12 collected `per_device_train_batch_size *
+gradient_accumulation_steps` and split it), then runs `num_ppo_epochs` passes of `num_mini_batches` optimizer steps,
+each accumulating `gradient_accumulation_steps` micro-batches.
 """
 
 from __future__ import annotations
@@ -262,5 +263,5 @@ class PPOConfig(TrainingArguments):
 
     @property
     def local_rollout_batch_size(self) -> int:
-        """Episodes collected per process in one rollout (TRL 1.12's `local_batch_size`)."""
+        """Episodes collected per process in one rollout."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches

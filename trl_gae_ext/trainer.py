@@ -424,7 +424,7 @@ class PPOTrainer(Trainer):
         return {"mean": mean.to(x.dtype), "var": var.to(x.dtype)}
 
     def _rollout_stats(
-        self, scores, per_func, kl, non_score, logprobs, mask, values, returns, advantages, responses, t_gen, t_all
+        self, scores, per_func, kl, non_score, logprobs, mask, values, returns, advantages, finished, t_gen, t_all
     ) -> dict[str, float]:
         n = torch.tensor(float(len(scores)), device=scores.device)
         local = {
@@ -432,9 +432,7 @@ class PPOTrainer(Trainer):
             "objective/non_score_reward": non_score.sum(1).mean(),
             "objective/rlhf_reward": (scores + non_score.sum(1)).mean(),
             "objective/entropy": (-logprobs * mask).sum(1).mean(),
-            "val/num_eos_tokens": (responses == self.stop_token_id).sum().float()
-            if self.stop_token_id is not None
-            else torch.zeros((), device=scores.device),
+            "val/num_eos_tokens": finished.sum().float(),
             "val/explained_var": explained_variance(values, returns, mask),
             "val/value_mean": masked_mean(values, mask),
             "val/returns_mean": masked_mean(returns, mask),
@@ -455,7 +453,8 @@ class PPOTrainer(Trainer):
         stats = dict(zip(names, self.accelerator.reduce(vector, reduction="mean").tolist()))
         stats.setdefault("objective/kl", 0.0)
         episodes = int(self.accelerator.reduce(n, reduction="sum").item())
-        self._episodes += episodes
+        # derived from the step so that it survives a resume
+        self._episodes = (self.state.global_step // self.args.steps_per_rollout + 1) * episodes
         gen_tokens = self.accelerator.reduce(mask.sum().float(), reduction="sum").item()
         stats.update(
             {
@@ -520,8 +519,7 @@ class PPOTrainer(Trainer):
                     "val/ratio_var": pg.ratio_var,
                 }
             )
-        if not torch.isfinite(loss):
-            self._metrics["nonfinite/loss"].append(1.0)
+        if not torch.isfinite(loss):  # counted by the guard as `ppo/skipped_updates`
             logger.warning("Non-finite PPO loss at step %d; the update will be skipped.", self.state.global_step)
         return (loss, out) if return_outputs else loss
 
