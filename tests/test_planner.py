@@ -160,6 +160,39 @@ def test_layer_activation_formula_matches_saved_tensors():
     assert per_layer == layer_activation_bytes(ModelShape.from_config(config), lora_r=8, dtype_bytes=2)
 
 
+def test_fp32_stream_activation_formula_matches_saved_tensors(tmp_path):
+    """The QLoRA path: 4-bit base after prepare_model_for_kbit_training (fp32 stream), fp32 LoRA on all linears."""
+    import bitsandbytes  # noqa: F401
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+
+    def saved_bytes(num_layers, batch=2, seq=32):
+        config = Qwen2Config(**{**TINY, "num_hidden_layers": num_layers}, num_key_value_heads=2)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / str(num_layers))
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / str(num_layers), quantization_config=quant)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear")).train()
+        params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        seen = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.get_base_model().model(input_ids=torch.randint(0, 320, (batch, seq)))
+        return sum(seen.values()) / (batch * seq), config
+
+    (one, _), (three, config) = saved_bytes(1), saved_bytes(3)
+    per_layer = (three - one) / 2
+    assert per_layer == layer_activation_bytes(ModelShape.from_config(config), lora_r=8, fp32_stream=True)
+
+
 def test_hand_calculation():
     # Llama, H=64, I=128, L=2, 4 heads of 16, 2 KV heads (kv_dim 32), V=100, untied, no biases.
     config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -169,26 +202,31 @@ def test_hand_calculation():
     #   4096 -> 2048 + 64 + 4 + 1092 = 3208;  2048 -> 1024 + 32 + 4 + 1092 = 2152;  8192 -> 4096 + 128 + 4 + 1092 = 5320
     #   per layer 2*3208 + 2*2152 + 3*5320 = 26680; two layers 53360
     # bf16 rest: embed 6400 + lm_head 6400 + norms (2 layers * 128 + final 64) = 320 -> 13120 params * 2 = 26240
-    assert weight_bytes(config) == 53360 + 26240 == 79600
+    assert weight_bytes(config) == 53360 + 26240 == 79600  # as from_pretrained loads it
     # LoRA r=4 per layer: 4*(64+64) + 4*(64+32)*2 + 4*(64+64) + 4*(64+128)*3 = 512 + 768 + 512 + 2304 = 4096; x2 layers
     assert lora_parameters(config, 4) == 8192
-    # batch 2, prompt 3 + response 5, adapter layout: 2 adapters (8192 each), value head 65 params.
+    # batch 2, prompt 3 + response 5, adapter layout: 2 adapters (8192 each), value head 65 params. The estimate
+    # follows the package's QLoRA path: prepare_model_for_kbit_training makes the non-quantized 13120 params fp32
+    # and the residual stream, KV cache and logits fp32.
     est = estimate_ppo_memory(config, batch_size=2, prompt_length=3, response_length=5, lora_r=4)
-    assert est.base_weights == 79600
+    assert est.base_weights == 53360 + 13120 * 4 == 105840
     assert est.adapters == 2 * 8192 * 4 == 65536
     assert est.value_head == 65 * 4 == 260
     assert est.trainable_parameters == 2 * 8192 + 65 == 16449
     assert est.optimizer_states == 16449 * 8 == 131592
     assert est.gradients == 16449 * 4 == 65796
-    # KV: 2 (k, v) * 2 layers * 32 kv_dim * 8 tokens * 2 sequences * 2 bytes
-    assert est.kv_cache == 2 * 2 * 32 * 8 * 2 * 2 == 4096
-    # logits: micro batch 2 * V 100 * (2 bytes * 8 tokens + 12 bytes * 5 response tokens)
-    assert est.logits == 2 * 100 * (16 + 60) == 15200
-    # one layer per token: LoRA casts 4*(6*64 + 128) + 4*4*7 = 2160; norms 2*(4*64+4) = 520;
+    # KV: 2 (k, v) * 2 layers * 32 kv_dim * 8 tokens * 2 sequences * 4 bytes
+    assert est.kv_cache == 2 * 2 * 32 * 8 * 2 * 4 == 8192
+    # logits: 16 bytes * micro batch 2 * 5 response tokens * V 100
+    assert est.logits == 16 * 2 * 5 * 100 == 16000
+    # one layer per token, bf16 stream: LoRA casts 4*(6*64 + 128) + 4*4*7 = 2160; norms 2*(4*64+4) = 520;
     # attention 2*(2*64 + 2*32) + 4*4 = 400; MLP 3*2*128 = 768 -> 3848
     assert layer_activation_bytes(est.shape, 4) == 3848
-    # checkpointed: 16 tokens * (2 graphs * 2 layers * 2*64 + 3848 + backward 2*(10*64 + 64))
-    assert est.activations == 16 * (512 + 3848 + 1408) == 92288
+    # fp32 stream: shared LoRA inputs 4*(64 + 64 + 128) + 4*4*7 = 1136; norms 520; attention 4*(128 + 64) + 16 = 784;
+    # MLP 3*4*128 = 1536 -> 3976
+    assert layer_activation_bytes(est.shape, 4, fp32_stream=True) == 3976
+    # checkpointed: 16 tokens * (2 graphs * 2 layers * 4*64 + 3976 + backward 4*(10*64 + 64))
+    assert est.activations == 16 * (1024 + 3976 + 2816) == 125056
     assert est.peak == max(est.phases.values())
     assert est.cuda_overhead == planner.CUDA_CONTEXT_BYTES + int(0.10 * est.peak_allocated)
 
@@ -233,7 +271,7 @@ def test_suggestions_when_it_does_not_fit():
     assert any("micro batch" in s for s in suggestions)
     assert any("fits" in s for s in suggestions)
     assert est.fits(1000) and est.suggestions(1000) == []
-    separate = estimate_ppo_memory(REFERENCE_CONFIGS["qwen2.5-32b"], **REF, value_head="separate", load_in_4bit=False)
+    separate = estimate_ppo_memory(REFERENCE_CONFIGS["qwen2.5-14b"], **REF, value_head="separate", load_in_4bit=False)
     texts = " ".join(separate.suggestions(24))
     assert 'value_head="adapter"' in texts and "--load-in-4bit" in texts and "combined" in texts
 

@@ -4,15 +4,11 @@
 per-component breakdown in bytes, the peak over the three phases of a PPO iteration (generation, no-grad scoring,
 training), `fits(gpu_gib)` and `suggestions(gpu_gib)`. `plan_main(argv)` is the `trl-gae plan` command.
 
-Every formula and constant is written out, with where it was measured, in `docs/memory.md`. In short, per token and
-per decoder layer, with `d` the compute dtype's bytes (2 for bf16) and fp32 LoRA adapters:
-
-- saved for backward without checkpointing: `4*sum(in_features of LoRA-targeted linears) + 4*r*n_targets
-  + 2*(4H + 4) + d*(2*q_dim + 2*kv_dim) + 4*heads + 3*d*I` (all-linear: 36H + 10I + 4kv + 4heads + 28r + 8 for bf16),
-  measured exactly on the CPU with saved-tensor hooks (transformers 5.23, PEFT 0.21, SDPA: no T^2 term);
-- with gradient checkpointing only the layer input `d*H` is kept, plus one layer recomputed during backward;
-- the logits: `d*(P+R)` for the model's full-sequence logits plus `12*R` for the fp32 log-softmax working set
-  (scaled logits, log-probs, their gradient), times micro batch and vocabulary.
+The estimate follows what this package does: the 4-bit base goes through PEFT's `prepare_model_for_kbit_training`
+(`qlora.load_policy`), so everything that is not a quantized Linear (embeddings, lm_head, norms) and hence the
+residual stream, KV cache and logits are fp32; the policy and critic graphs of one micro-batch live together until
+the joint backward; log-probs come from `logits_to_keep = R + 1`. Every formula and constant is written out, with
+how it was measured, in `docs/memory.md`.
 """
 
 from __future__ import annotations
@@ -32,104 +28,36 @@ from typing import Any
 
 GIB = 1024**3
 
-# Reference shapes, usable by name offline (`trl-gae plan --model qwen2.5-7b`), from the models' public config.json.
-# Only the shape numbers matter to the planner; the rest makes them valid transformers configs for the benchmark.
+# Reference shapes, usable by name offline (`trl-gae plan --model qwen2.5-7b`), from the models' public config.json
+# (their parameter counts match the checkpoints' safetensors index sizes exactly; see the tests). Only the shape
+# numbers matter to the planner; the rest makes them valid transformers configs for benchmarks/memory_gpu.py.
+_QWEN25 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=152064, tie_word_embeddings=False,
+               hidden_act="silu", max_position_embeddings=131072, rope_theta=1000000.0, bos_token_id=151643,
+               eos_token_id=151643, torch_dtype="bfloat16")  # fmt: skip
 REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-7b": {
-        "model_type": "qwen2",
-        "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "vocab_size": 152064,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
-        "torch_dtype": "bfloat16",
-    },
-    "llama-3.1-8b": {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 128256,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "hidden_act": "silu",
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        "bos_token_id": 128000,
-        "eos_token_id": 128001,
-        "torch_dtype": "bfloat16",
-    },
-    "qwen2.5-14b": {
-        "model_type": "qwen2",
-        "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 5120,
-        "intermediate_size": 13824,
-        "num_hidden_layers": 48,
-        "num_attention_heads": 40,
-        "num_key_value_heads": 8,
-        "vocab_size": 152064,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1000000.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
-        "torch_dtype": "bfloat16",
-    },
-    "qwen2.5-32b": {
-        "model_type": "qwen2",
-        "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 5120,
-        "intermediate_size": 27648,
-        "num_hidden_layers": 64,
-        "num_attention_heads": 40,
-        "num_key_value_heads": 8,
-        "vocab_size": 152064,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1000000.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
-        "torch_dtype": "bfloat16",
-    },
-}
+    "qwen2.5-7b": {**_QWEN25, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6},
+    "llama-3.1-8b": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+                     "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False,
+                     "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
+                     "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                     "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"},
+    "qwen2.5-14b": {**_QWEN25, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48,
+                    "num_attention_heads": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-5},
+    "qwen2.5-32b": {**_QWEN25, "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
+                    "num_attention_heads": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-5},
+}  # fmt: skip
 
 # Hub ids with the same shapes as a reference config: used only when the hub cannot be reached.
 HUB_ALIASES = {
-    "qwen/qwen2.5-7b": "qwen2.5-7b",
-    "qwen/qwen2.5-7b-instruct": "qwen2.5-7b",
-    "meta-llama/llama-3.1-8b": "llama-3.1-8b",
-    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
-    "qwen/qwen2.5-14b": "qwen2.5-14b",
-    "qwen/qwen2.5-14b-instruct": "qwen2.5-14b",
-    "qwen/qwen2.5-32b": "qwen2.5-32b",
-    "qwen/qwen2.5-32b-instruct": "qwen2.5-32b",
-}
+    f"{org}/{name}{suffix}".lower(): key
+    for key, (org, name) in {"qwen2.5-7b": ("Qwen", "Qwen2.5-7B"), "llama-3.1-8b": ("meta-llama", "Llama-3.1-8B"),
+                             "qwen2.5-14b": ("Qwen", "Qwen2.5-14B"), "qwen2.5-32b": ("Qwen", "Qwen2.5-32B")}.items()
+    for suffix in ("", "-Instruct")
+}  # fmt: skip
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -143,6 +71,13 @@ NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit blocksize: one absmax per 64 weights
 NF4_NESTED_BLOCKSIZE = 256  # double quantization: the absmax are 8-bit quantized in blocks of 256
 NF4_TENSOR_OVERHEAD_NESTED = 1024 + 64 + 4  # per tensor: nested 8-bit code, NF4 code (16 fp32), offset
 NF4_TENSOR_OVERHEAD = 64  # per tensor without double quantization: the NF4 code
+# Logits: the package's forward asks for `logits_to_keep = R + 1` and takes `selective_log_softmax` of
+# `logits.float() / temperature`. Peak bytes per [micro batch, R, V] element, measured on the CPU (docs/memory.md):
+# 14.7-16.2 with gradients (fp32 scaled logits kept for backward + fp32 gradient buffers), 9.3-11.1 without.
+TRAIN_LOGIT_BYTES = 16
+SCORE_LOGIT_BYTES = 12
+# No-grad forward transient per token and per (H + I), by activation bytes: measured 12 (bf16) and 16 (fp32 stream).
+INFERENCE_LAYER_BYTES = {2: 12, 4: 16}
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
 FRAGMENTATION = 0.10  # caching-allocator reserve over the allocated peak
 
@@ -151,9 +86,7 @@ class PlanError(ValueError):
     """A model argument the planner cannot turn into a config; the message is one line for the CLI."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model shape and exact parameter counts
-# ----------------------------------------------------------------------------------------------------------------
+# -- model shape and exact parameter counts --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -180,11 +113,8 @@ class ModelShape:
         if isinstance(config, ModelShape):
             return config
         config = _as_config(config)
-        missing = [
-            k
-            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-            if getattr(config, k, None) is None
-        ]
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        missing = [k for k in required if getattr(config, k, None) is None]
         if missing:
             raise PlanError(f"the model config lacks {', '.join(missing)}: not a decoder-only transformer config")
         model_type = getattr(config, "model_type", None) or "llama"
@@ -270,23 +200,30 @@ def nf4_bytes(numel: int, double_quant: bool = True) -> int:
     return math.ceil(numel / 2) + state
 
 
-def weight_bytes(config, load_in_4bit: bool = True, dtype: str = "bfloat16", double_quant: bool = True) -> int:
-    """Bytes of the base model's weights; in 4-bit, lm_head, embeddings, norms and biases stay in `dtype`."""
+def weight_bytes(
+    config,
+    load_in_4bit: bool = True,
+    dtype: str = "bfloat16",
+    double_quant: bool = True,
+    upcast_non_quantized: bool = False,
+) -> int:
+    """Bytes of the base model's weights. In 4-bit, lm_head, embeddings, norms and biases stay in `dtype` as
+    `from_pretrained` loads them, or fp32 after PEFT's `prepare_model_for_kbit_training` (`upcast_non_quantized`)."""
     counts, d = count_parameters(config), _dtype_bytes(dtype)
     if not load_in_4bit:
         return counts.total * d
-    return sum(nf4_bytes(o * i, double_quant) for o, i in counts.linear_shapes) + counts.other * d
+    other = 4 if upcast_non_quantized else d
+    return sum(nf4_bytes(o * i, double_quant) for o, i in counts.linear_shapes) + counts.other * other
 
 
 def lora_parameters(config, r: int, target: str | Sequence[str] = "all-linear") -> int:
     """Parameters of one LoRA adapter: r * (in + out) per targeted linear ("all-linear" excludes lm_head)."""
     shape = ModelShape.from_config(config)
-    return shape.num_layers * sum(r * (d_in + d_out) for d_in, d_out, _ in _targeted(shape, target))
+    linears = shape.linears()
+    return shape.num_layers * sum(r * (linears[n][0] + linears[n][1]) for n in _targeted_names(shape, target))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The estimate
-# ----------------------------------------------------------------------------------------------------------------
+# -- the estimate ----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -305,10 +242,18 @@ class PlanSettings:
     dtype: str = "bfloat16"
     rollout_forward_batch_size: int = 64
     double_quant: bool = True
+    kbit_upcast: bool = True
 
     @property
     def micro_batch(self) -> int:
         return self.micro_batch_size or max(1, self.batch_size // self.num_mini_batches)
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes per element of the residual stream, KV cache and logits. `prepare_model_for_kbit_training` (which
+        `trl_gae_ext.qlora.load_policy` calls on a 4-bit model) makes the embeddings fp32, and bitsandbytes casts
+        each Linear4bit output back to its input's dtype, so the whole stream is fp32 in the QLoRA setup."""
+        return 4 if self.load_in_4bit and self.kbit_upcast else DTYPE_BYTES[self.dtype]
 
 
 @dataclass
@@ -326,7 +271,7 @@ class MemoryEstimate:
     optimizer_states: int
     gradients: int
     activations: int  # training forward/backward of one micro-batch (all critic/policy graphs)
-    logits: int  # full-sequence logits + fp32 log-softmax working set of one micro-batch
+    logits: int  # logits of the last R + 1 positions + fp32 log-softmax working set, one micro-batch
     kv_cache: int  # generation
     generation_workspace: int  # prefill transients + next-token logits
     scoring_workspace: int  # no-grad log-prob/value passes: logits + transients of one chunk
@@ -348,6 +293,8 @@ class MemoryEstimate:
         s = self.settings
         n_adapters = 1 if s.value_head == "shared" else 2
         quant = ("NF4 4-bit" + (" + double quant" if s.double_quant else "")) if s.load_in_4bit else s.dtype
+        if s.load_in_4bit and s.kbit_upcast:
+            quant += ", rest fp32"
         copies = " x2 (separate critic)" if s.value_head == "separate" else ""
         return [
             (f"base weights ({quant}){copies}", self.base_weights),
@@ -357,7 +304,7 @@ class MemoryEstimate:
             ("gradients (fp32)", self.gradients),
             (f"activations (train, micro-batch {s.micro_batch})", self.activations),
             ("logits + fp32 log-softmax (train)", self.logits),
-            ("KV cache (generation)", self.kv_cache),
+            (f"KV cache (generation, {'fp32' if s.activation_bytes == 4 else s.dtype})", self.kv_cache),
             ("generation workspace", self.generation_workspace),
             ("scoring workspace (no-grad passes)", self.scoring_workspace),
             ("4-bit dequantization buffer", self.dequant_workspace),
@@ -388,6 +335,7 @@ def estimate_ppo_memory(
     dtype: str = "bfloat16",
     rollout_forward_batch_size: int = 64,
     double_quant: bool = True,
+    kbit_upcast: bool = True,
     model_name: str | None = None,
 ) -> MemoryEstimate:
     """Estimate the GPU memory of one PPO iteration (generation, scoring, training) on one device.
@@ -396,6 +344,9 @@ def estimate_ppo_memory(
     `batch_size` is the rollout batch per device; training runs micro-batches of `micro_batch_size` (default
     `batch_size // num_mini_batches`). `value_head`: "adapter" (critic = second LoRA adapter on the shared base),
     "shared" (head on the policy's hidden states), "separate" (critic = its own copy of the base + LoRA).
+    `rollout_forward_batch_size` is PPOConfig's `local_rollout_forward_batch_size` (chunks of generation and
+    scoring). `kbit_upcast`: the 4-bit base went through `prepare_model_for_kbit_training`, as in this package
+    (fp32 embeddings, head, norms and activations).
     """
     name = model_name
     if isinstance(config, (str, os.PathLike)):
@@ -404,7 +355,7 @@ def estimate_ppo_memory(
     settings = PlanSettings(
         batch_size, prompt_length, response_length, load_in_4bit, lora_r, target, value_head,
         gradient_checkpointing, num_mini_batches, micro_batch_size, optimizer, dtype,
-        rollout_forward_batch_size, double_quant,
+        rollout_forward_batch_size, double_quant, kbit_upcast,
     )  # fmt: skip
     _validate(settings)
     shape = ModelShape.from_config(config)
@@ -426,23 +377,24 @@ def _validate(s: PlanSettings) -> None:
 
 
 def _estimate(shape: ModelShape, s: PlanSettings, name: str) -> MemoryEstimate:
-    d, counts = _dtype_bytes(s.dtype), count_parameters(shape)
+    d, a, counts = _dtype_bytes(s.dtype), s.activation_bytes, count_parameters(shape)
     n_bases = 2 if s.value_head == "separate" else 1
     n_adapters = 1 if s.value_head == "shared" else 2
     n_graphs = 1 if s.value_head == "shared" else 2  # policy and critic graphs live together until backward
     lora = lora_parameters(shape, s.lora_r, s.lora_target)
     trainable = n_adapters * lora + shape.hidden_size + 1  # value head: Linear(H, 1) with bias
+    upcast = s.load_in_4bit and s.kbit_upcast
     e = dict(
-        base_weights=n_bases * weight_bytes(shape, s.load_in_4bit, s.dtype, s.double_quant),
+        base_weights=n_bases * weight_bytes(shape, s.load_in_4bit, s.dtype, s.double_quant, upcast),
         adapters=n_adapters * lora * ADAPTER_BYTES,
         value_head=(shape.hidden_size + 1) * 4,
         optimizer_states=trainable * OPTIMIZER_STATE_BYTES[s.optimizer],
         gradients=trainable * 4,
-        activations=_train_activation_bytes(shape, s, d, n_graphs),
-        logits=s.micro_batch * shape.vocab_size * (d * (s.prompt_length + s.response_length) + 12 * s.response_length),
-        kv_cache=kv_cache_bytes(shape, _gen_batch(s), s.prompt_length + s.response_length, d),
-        generation_workspace=_generation_workspace(shape, s, d),
-        scoring_workspace=_scoring_workspace(shape, s, d),
+        activations=_train_activation_bytes(shape, s, n_graphs),
+        logits=TRAIN_LOGIT_BYTES * s.micro_batch * s.response_length * shape.vocab_size,
+        kv_cache=kv_cache_bytes(shape, _gen_batch(s), s.prompt_length + s.response_length, a),
+        generation_workspace=_generation_workspace(shape, s),
+        scoring_workspace=_scoring_workspace(shape, s),
         dequant_workspace=max(o * i for o, i in counts.linear_shapes) * d if s.load_in_4bit else 0,
     )
     static = e["base_weights"] + e["adapters"] + e["value_head"] + e["optimizer_states"] + e["dequant_workspace"]
@@ -470,67 +422,81 @@ def kv_cache_bytes(config, batch: int, seq_len: int, dtype_bytes: int = 2) -> in
     return 2 * shape.num_layers * shape.kv_dim * seq_len * batch * dtype_bytes
 
 
-def layer_activation_bytes(shape: ModelShape, lora_r: int, lora_target="all-linear", dtype_bytes: int = 2) -> int:
-    """Bytes one decoder layer saves for backward, per token, with LoRA on `lora_target` (SDPA/flash attention).
+def layer_activation_bytes(
+    shape: ModelShape, lora_r: int, lora_target="all-linear", dtype_bytes: int = 2, fp32_stream: bool = False
+) -> int:
+    """Bytes one decoder layer saves for backward, per token, with fp32 LoRA on `lora_target` (SDPA attention).
 
-    LoRA inputs are cast to the fp32 adapter dtype per targeted linear (4 * in_features each) and its r-dim output
-    is kept (4 * r); each RMSNorm keeps an fp32 copy of its input and its fp32 rsqrt; attention keeps rotated q and
-    k, v, the output (dtype) and SDPA's fp32 logsumexp per head; the SwiGLU MLP keeps gate, act(gate) and up. The
-    frozen base linears keep nothing but their weights. Matches saved-tensor hooks exactly (docs/memory.md).
+    bf16 stream (`fp32_stream=False`): PEFT casts the input of every targeted linear to fp32 separately
+    (4 * in_features each). fp32 stream (the QLoRA setup after `prepare_model_for_kbit_training`): no casts; the
+    saved inputs are shared (q/k/v read one norm output, gate/up another, o reads SDPA's saved output, down the
+    MLP product). Both: LoRA keeps its r-dim fp32 output (4 * r per target); each RMSNorm an fp32 copy of its input
+    and its rsqrt; attention rotated q, k, v, the output and SDPA's fp32 logsumexp per head (no T^2 term); the
+    SwiGLU MLP gate, act(gate) and up. Frozen base linears keep nothing. Matches saved-tensor hooks exactly.
     """
-    targeted = _targeted(shape, lora_target)
-    lora = sum(ADAPTER_BYTES * (d_in + lora_r) for d_in, _, _ in targeted)
-    norms = 2 * (4 * shape.hidden_size + 4)
-    attention = dtype_bytes * (2 * shape.q_dim + 2 * shape.kv_dim) + 4 * shape.num_heads
-    mlp = 3 * dtype_bytes * shape.intermediate_size
+    names = _targeted_names(shape, lora_target)
+    linears = shape.linears()
+    h, i = shape.hidden_size, shape.intermediate_size
+    act = 4 if fp32_stream else dtype_bytes
+    if fp32_stream:
+        lora_in = h * bool(names & {"q_proj", "k_proj", "v_proj"}) + h * bool(names & {"gate_proj", "up_proj"})
+        lora_in = ADAPTER_BYTES * (lora_in + i * ("down_proj" in names))
+    else:
+        lora_in = sum(ADAPTER_BYTES * linears[n][0] for n in names)
+    lora = lora_in + ADAPTER_BYTES * lora_r * len(names)
+    norms = 2 * (4 * h + 4)
+    attention = act * (2 * shape.q_dim + 2 * shape.kv_dim) + 4 * shape.num_heads
+    mlp = 3 * act * i
     return lora + norms + attention + mlp
 
 
-def _train_activation_bytes(shape: ModelShape, s: PlanSettings, d: int, n_graphs: int) -> int:
+def _train_activation_bytes(shape: ModelShape, s: PlanSettings, n_graphs: int) -> int:
+    a = s.activation_bytes
     tokens = s.micro_batch * (s.prompt_length + s.response_length)
-    full = layer_activation_bytes(shape, s.lora_r, s.lora_target, d)
-    # Gradient of the residual stream, of the MLP's intermediate and the head's hidden states during backward
-    # (measured ~22H + 0.9I bytes per token in bf16 on the CPU).
-    backward_transient = d * (10 * shape.hidden_size + shape.intermediate_size // 2)
+    full = layer_activation_bytes(shape, s.lora_r, s.lora_target, DTYPE_BYTES[s.dtype], fp32_stream=a == 4)
+    # Gradients of the residual stream and the MLP intermediate, the head's hidden states, during backward
+    # (measured ~22H + 0.9I bytes per token for a bf16 stream on the CPU).
+    backward_transient = a * (10 * shape.hidden_size + shape.intermediate_size // 2)
     if s.gradient_checkpointing:  # each graph keeps every layer's input; one layer is recomputed at a time
-        per_token = n_graphs * shape.num_layers * d * shape.hidden_size + full
+        per_token = n_graphs * shape.num_layers * a * shape.hidden_size + full
     else:
         per_token = n_graphs * shape.num_layers * full
     return tokens * (per_token + backward_transient)
 
 
-def _inference_layer_bytes(shape: ModelShape, d: int) -> int:
-    # No-grad forward: the largest transient of one layer, measured 12(H+I) bytes per token in bf16 (MLP gate/up/
-    # act/product plus LoRA's fp32 input casts).
-    return 6 * d * (shape.hidden_size + shape.intermediate_size)
+def _inference_layer_bytes(shape: ModelShape, s: PlanSettings) -> int:
+    """No-grad forward: the largest transient of one layer per token (MLP gate/up/act/product, LoRA outputs)."""
+    return INFERENCE_LAYER_BYTES[s.activation_bytes] * (shape.hidden_size + shape.intermediate_size)
 
 
 def _gen_batch(s: PlanSettings) -> int:
     return min(s.batch_size, s.rollout_forward_batch_size)
 
 
-def _generation_workspace(shape: ModelShape, s: PlanSettings, d: int) -> int:
+def _generation_workspace(shape: ModelShape, s: PlanSettings) -> int:
     b = _gen_batch(s)
-    prefill = b * s.prompt_length * _inference_layer_bytes(shape, d)
-    next_token_logits = b * shape.vocab_size * (d + 3 * 4)  # model output + fp32 logits, scores, probabilities
+    prefill = b * s.prompt_length * _inference_layer_bytes(shape, s)
+    # `generate` keeps one position's logits (logits_to_keep=1) + fp32 copy, processed scores, probabilities
+    next_token_logits = b * shape.vocab_size * (s.activation_bytes + 3 * 4)
     return prefill + next_token_logits
 
 
-def _scoring_workspace(shape: ModelShape, s: PlanSettings, d: int) -> int:
+def _scoring_workspace(shape: ModelShape, s: PlanSettings) -> int:
     b, seq = _gen_batch(s), s.prompt_length + s.response_length
-    logits = b * shape.vocab_size * (d * seq + 8 * s.response_length)  # full logits + fp32 scaled + log-probs
-    return logits + b * seq * _inference_layer_bytes(shape, d)
+    logits = SCORE_LOGIT_BYTES * b * s.response_length * shape.vocab_size
+    return logits + b * seq * _inference_layer_bytes(shape, s)
 
 
-def _targeted(shape: ModelShape, target) -> list[tuple[int, int, bool]]:
-    linears = shape.linears()
+def _targeted_names(shape: ModelShape, target) -> set[str]:
     if target == "all-linear":
-        return list(linears.values())
-    names = [target] if isinstance(target, str) else list(target)
-    unknown = [n for n in names if n not in linears]
+        return set(LINEAR_NAMES)
+    names = {target} if isinstance(target, str) else set(target)
+    unknown = sorted(names - set(shape.linears()))
     if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}; use 'all-linear' or names among {', '.join(linears)}.")
-    return [linears[n] for n in names]
+        raise ValueError(
+            f"unknown LoRA target(s) {unknown}; use 'all-linear' or names among {', '.join(LINEAR_NAMES)}."
+        )
+    return names
 
 
 def _dtype_bytes(dtype: str) -> int:
@@ -539,9 +505,7 @@ def _dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Suggestions
-# ----------------------------------------------------------------------------------------------------------------
+# -- suggestions -----------------------------------------------------------------------------------------------------
 
 
 def _candidates(s: PlanSettings) -> dict[str, list[tuple[str, PlanSettings]]]:
@@ -587,14 +551,14 @@ def _best_of_kind(est: MemoryEstimate, options, gpu_gib: float) -> tuple[str, Me
 
 
 def _suggest(est: MemoryEstimate, gpu_gib: float) -> list[str]:
-    lines, any_fits = [], False
-    for options in _candidates(est.settings).values():
+    lines, fitting = [], set()
+    for kind, options in _candidates(est.settings).items():
         best = _best_of_kind(est, options, gpu_gib)
         if best is not None:
             text, alt = best
-            any_fits |= alt.fits(gpu_gib)
+            fitting |= {kind} if alt.fits(gpu_gib) else set()
             lines.append(f"{text}: peak {alt.peak / GIB:.1f} GiB ({'fits' if alt.fits(gpu_gib) else 'too large'})")
-    if not any_fits:
+    if not fitting - {"length"}:  # shorter responses change the task: offer a combination of the others too
         lines.append(_combine(est, gpu_gib))
     return lines
 
@@ -614,9 +578,7 @@ def _combine(est: MemoryEstimate, gpu_gib: float) -> str:
     return "no combination of these changes fits: use a GPU with more memory or a smaller model"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Config loading
-# ----------------------------------------------------------------------------------------------------------------
+# -- config loading --------------------------------------------------------------------------------------------------
 
 
 def load_model_config(model) -> tuple[Any, str, str | None]:
@@ -705,9 +667,7 @@ def _as_config(config):
     return get_text() if callable(get_text) else config
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Report and CLI
-# ----------------------------------------------------------------------------------------------------------------
+# -- report and cli --------------------------------------------------------------------------------------------------
 
 
 def _gib(n: int) -> str:
@@ -758,6 +718,8 @@ def build_plan_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     parser.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATE_BYTES), default="adamw")
     parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bfloat16")
+    parser.add_argument("--kbit-upcast", action=argparse.BooleanOptionalAction, default=True,
+                        help="4-bit base prepared by prepare_model_for_kbit_training, as trl_gae_ext does (fp32 rest)")  # fmt: skip
     return parser
 
 
@@ -769,29 +731,17 @@ def add_plan_subparser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+_PLAN_ARGS = ("batch_size", "prompt_length", "response_length", "load_in_4bit", "lora_r", "gradient_checkpointing",
+              "num_mini_batches", "micro_batch_size", "optimizer", "dtype", "rollout_forward_batch_size",
+              "kbit_upcast")  # fmt: skip
+
+
 def run_plan(args: argparse.Namespace) -> int:
     try:
         config, name, note = load_model_config(args.model)
         layouts = VALUE_HEAD_LAYOUTS if args.value_head == "all" else (args.value_head,)
-        estimates = [
-            estimate_ppo_memory(
-                config,
-                batch_size=args.batch_size,
-                prompt_length=args.prompt_length,
-                response_length=args.response_length,
-                load_in_4bit=args.load_in_4bit,
-                lora_r=args.lora_r,
-                value_head=layout,
-                gradient_checkpointing=args.gradient_checkpointing,
-                num_mini_batches=args.num_mini_batches,
-                micro_batch_size=args.micro_batch_size,
-                optimizer=args.optimizer,
-                dtype=args.dtype,
-                rollout_forward_batch_size=args.rollout_forward_batch_size,
-                model_name=name,
-            )  # fmt: skip
-            for layout in layouts
-        ]
+        kwargs = {key: getattr(args, key) for key in _PLAN_ARGS}
+        estimates = [estimate_ppo_memory(config, value_head=v, model_name=name, **kwargs) for v in layouts]
     except (PlanError, ValueError) as err:
         print(f"trl-gae plan: error: {err}", file=sys.stderr)
         return 2
@@ -799,16 +749,21 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(estimates[0].format_report(args.gpu_memory))
     if len(estimates) > 1:
-        print("  value-head layouts:  " + ", ".join(
-            f"{e.settings.value_head} {e.peak / GIB:.2f} GiB{'' if e.fits(args.gpu_memory) else ' (too large)'}"
-            for e in estimates
-        ))  # fmt: skip
+        gpu = args.gpu_memory
+        cells = [
+            f"{e.settings.value_head} {e.peak / GIB:.2f} GiB{'' if e.fits(gpu) else ' (too large)'}" for e in estimates
+        ]
+        print("  value-head layouts: " + ", ".join(cells))
     return 0
 
 
 def plan_main(argv: list[str] | None = None) -> int:
-    """`trl-gae plan ...`: print the memory report; 0 on success, 2 on a bad model argument."""
-    return run_plan(build_plan_parser().parse_args(argv))
+    """`trl-gae plan ...`: print the memory report; 0 on success, 2 on a bad argument or model."""
+    try:
+        args = build_plan_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or an argparse error (2, message already printed)
+        return int(exit_.code or 0)
+    return run_plan(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
