@@ -72,9 +72,11 @@ NF4_NESTED_BLOCKSIZE = 256  # double quantization: the absmax are 8-bit quantize
 NF4_TENSOR_OVERHEAD_NESTED = 1024 + 64 + 4  # per tensor: nested 8-bit code, NF4 code (16 fp32), offset
 NF4_TENSOR_OVERHEAD = 64  # per tensor without double quantization: the NF4 code
 # Logits: the package's forward asks for `logits_to_keep = R + 1` and takes `selective_log_softmax` of
-# `logits.float() / temperature`. Peak bytes per [micro batch, R, V] element, measured on the CPU (docs/memory.md):
-# 14.7-16.2 with gradients (fp32 scaled logits kept for backward + fp32 gradient buffers), 9.3-11.1 without.
+# `logits.float() / temperature`. Bytes per [micro batch, R, V] element, measured on the CPU (docs/memory.md):
+# peak 14.7-16.2 with gradients (fp32 scaled logits + fp32 gradient buffers), 9.3-11.1 without; after the forward
+# only the fp32 scaled logits stay alive for backward (4).
 TRAIN_LOGIT_BYTES = 16
+SAVED_LOGIT_BYTES = 4
 SCORE_LOGIT_BYTES = 12
 # No-grad forward transient per token and per (H + I), by activation bytes: measured 12 (bf16) and 16 (fp32 stream).
 INFERENCE_LAYER_BYTES = {2: 12, 4: 16}
@@ -271,13 +273,15 @@ class MemoryEstimate:
     optimizer_states: int
     gradients: int
     activations: int  # training forward/backward of one micro-batch (all critic/policy graphs)
-    logits: int  # logits of the last R + 1 positions + fp32 log-softmax working set, one micro-batch
+    logits: int  # peak of the logits (last R + 1 positions) + fp32 log-softmax working set, one micro-batch
+    logits_saved: int  # the part of `logits` alive while the layers run backward (fp32 scaled logits)
     kv_cache: int  # generation
     generation_workspace: int  # prefill transients + next-token logits
     scoring_workspace: int  # no-grad log-prob/value passes: logits + transients of one chunk
     dequant_workspace: int  # one dequantized 4-bit weight (largest linear) during a matmul
     cuda_overhead: int  # of the peak phase: context + fragmentation
     phases: dict[str, int] = field(default_factory=dict)  # allocated + overhead per phase
+    phases_allocated: dict[str, int] = field(default_factory=dict)  # comparable to torch.cuda.max_memory_allocated
     peak: int = 0
     peak_phase: str = ""
     peak_allocated: int = 0  # comparable to torch.cuda.max_memory_allocated()
@@ -397,17 +401,22 @@ def _estimate(shape: ModelShape, s: PlanSettings, name: str) -> MemoryEstimate:
         scoring_workspace=_scoring_workspace(shape, s),
         dequant_workspace=max(o * i for o, i in counts.linear_shapes) * d if s.load_in_4bit else 0,
     )
+    e["logits_saved"] = SAVED_LOGIT_BYTES * s.micro_batch * s.response_length * shape.vocab_size
     static = e["base_weights"] + e["adapters"] + e["value_head"] + e["optimizer_states"] + e["dequant_workspace"]
+    # Backward runs the critic graph (created last) first, with every checkpoint and the policy's saved logits
+    # alive; the policy's log-softmax backward (the logits peak) comes after the critic graph is freed.
+    policy_only = _train_activation_bytes(shape, s, n_graphs=1, stored_only=True)
+    training = max(e["activations"] + e["logits_saved"], policy_only + e["logits"])
     allocated = {
         "generation": static + e["kv_cache"] + e["generation_workspace"],
         "scoring": static + e["scoring_workspace"],
-        "training": static + e["gradients"] + e["activations"] + e["logits"],
+        "training": static + e["gradients"] + training,
     }
     phases = {k: v + _overhead(v) for k, v in allocated.items()}
     peak_phase = max(phases, key=phases.get)
     return MemoryEstimate(
         model_name=name, shape=shape, settings=s, num_parameters=counts.total, trainable_parameters=trainable,
-        cuda_overhead=_overhead(allocated[peak_phase]), phases=phases, peak=phases[peak_phase],
+        cuda_overhead=_overhead(allocated[peak_phase]), phases=phases, phases_allocated=allocated, peak=phases[peak_phase],
         peak_phase=peak_phase, peak_allocated=allocated[peak_phase], **e,
     )  # fmt: skip
 
@@ -450,7 +459,9 @@ def layer_activation_bytes(
     return lora + norms + attention + mlp
 
 
-def _train_activation_bytes(shape: ModelShape, s: PlanSettings, n_graphs: int) -> int:
+def _train_activation_bytes(shape: ModelShape, s: PlanSettings, n_graphs: int, stored_only: bool = False) -> int:
+    """Activations at the start of backward: `n_graphs` graphs' stored tensors + (unless `stored_only`) one layer
+    recomputed (with checkpointing) and the backward transients."""
     a = s.activation_bytes
     tokens = s.micro_batch * (s.prompt_length + s.response_length)
     full = layer_activation_bytes(shape, s.lora_r, s.lora_target, DTYPE_BYTES[s.dtype], fp32_stream=a == 4)
@@ -458,10 +469,10 @@ def _train_activation_bytes(shape: ModelShape, s: PlanSettings, n_graphs: int) -
     # (measured ~22H + 0.9I bytes per token for a bf16 stream on the CPU).
     backward_transient = a * (10 * shape.hidden_size + shape.intermediate_size // 2)
     if s.gradient_checkpointing:  # each graph keeps every layer's input; one layer is recomputed at a time
-        per_token = n_graphs * shape.num_layers * a * shape.hidden_size + full
+        stored, working = n_graphs * shape.num_layers * a * shape.hidden_size, full + backward_transient
     else:
-        per_token = n_graphs * shape.num_layers * full
-    return tokens * (per_token + backward_transient)
+        stored, working = n_graphs * shape.num_layers * full, backward_transient
+    return tokens * (stored if stored_only else stored + working)
 
 
 def _inference_layer_bytes(shape: ModelShape, s: PlanSettings) -> int:
