@@ -73,11 +73,11 @@ NF4_TENSOR_OVERHEAD_NESTED = 1024 + 64 + 4  # per tensor: nested 8-bit code, NF4
 NF4_TENSOR_OVERHEAD = 64  # per tensor without double quantization: the NF4 code
 # Logits: the package's forward asks for `logits_to_keep = R + 1` and takes `selective_log_softmax` of
 # `logits.float() / temperature`. Bytes per [micro batch, R, V] element, measured on the CPU (docs/memory.md):
-# peak 14.7-16.2 with gradients (fp32 scaled logits + fp32 gradient buffers), 9.3-11.1 without; after the forward
-# only the fp32 scaled logits stay alive for backward (4).
+# peak 14.7-16.2 with gradients (fp32 scaled logits + fp32 gradient buffers); after the forward only the fp32
+# scaled logits stay alive for backward (4). Without gradients (scoring): the model's logits + the fp32 scaled copy
+# (+ the fp32 upcast when the logits are bf16), measured 8.0 for the fp32 stream.
 TRAIN_LOGIT_BYTES = 16
 SAVED_LOGIT_BYTES = 4
-SCORE_LOGIT_BYTES = 12
 # No-grad forward transient per token and per (H + I), by activation bytes: measured 12 (bf16) and 16 (fp32 stream).
 INFERENCE_LAYER_BYTES = {2: 12, 4: 16}
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
@@ -494,7 +494,8 @@ def _generation_workspace(shape: ModelShape, s: PlanSettings) -> int:
 
 def _scoring_workspace(shape: ModelShape, s: PlanSettings) -> int:
     b, seq = _gen_batch(s), s.prompt_length + s.response_length
-    logits = SCORE_LOGIT_BYTES * b * s.response_length * shape.vocab_size
+    a = s.activation_bytes
+    logits = (a + 4 + (4 if a != 4 else 0)) * b * s.response_length * shape.vocab_size
     return logits + b * seq * _inference_layer_bytes(shape, s)
 
 
