@@ -316,10 +316,9 @@ def test_report_numbers_are_consistent():
     est = estimate_ppo_memory("qwen2.5-7b", **REF)
     data = json.loads(json.dumps(est.to_dict()))
     static = sum(data[p] for p in ("base_weights", "adapters", "value_head", "optimizer_states", "dequant_workspace"))
-    policy_only = 2 * 28 * 4 * 3584 * 8 * 768 // 2  # one graph's fp32 checkpoints: L * 4H per token
-    training = (
-        static + data["gradients"] + max(data["activations"] + data["logits_saved"], policy_only + data["logits"])
-    )
+    assert data["policy_activations"] == 28 * 4 * 3584 * 8 * 768  # one graph's fp32 checkpoints: L * 4H per token
+    activations = max(data["activations"] + data["logits_saved"], data["policy_activations"] + data["logits"])
+    training = static + data["gradients"] + activations
     assert est.phases["training"] == training + planner._overhead(training)
     assert est.peak == max(est.phases.values()) and est.peak == est.peak_allocated + est.cuda_overhead
     assert f"{est.peak / GIB:.2f} GiB" in est.format_report(24)

@@ -275,6 +275,7 @@ class MemoryEstimate:
     activations: int  # training forward/backward of one micro-batch (all critic/policy graphs)
     logits: int  # peak of the logits (last R + 1 positions) + fp32 log-softmax working set, one micro-batch
     logits_saved: int  # the part of `logits` alive while the layers run backward (fp32 scaled logits)
+    policy_activations: int  # the policy graph's stored activations alone: alive at the logits peak
     kv_cache: int  # generation
     generation_workspace: int  # prefill transients + next-token logits
     scoring_workspace: int  # no-grad log-prob/value passes: logits + transients of one chunk
@@ -405,8 +406,8 @@ def _estimate(shape: ModelShape, s: PlanSettings, name: str) -> MemoryEstimate:
     static = e["base_weights"] + e["adapters"] + e["value_head"] + e["optimizer_states"] + e["dequant_workspace"]
     # Backward runs the critic graph (created last) first, with every checkpoint and the policy's saved logits
     # alive; the policy's log-softmax backward (the logits peak) comes after the critic graph is freed.
-    policy_only = _train_activation_bytes(shape, s, n_graphs=1, stored_only=True)
-    training = max(e["activations"] + e["logits_saved"], policy_only + e["logits"])
+    e["policy_activations"] = _train_activation_bytes(shape, s, n_graphs=1, stored_only=True)
+    training = max(e["activations"] + e["logits_saved"], e["policy_activations"] + e["logits"])
     allocated = {
         "generation": static + e["kv_cache"] + e["generation_workspace"],
         "scoring": static + e["scoring_workspace"],
@@ -698,6 +699,10 @@ def _format_report(est: MemoryEstimate, gpu_gib: float | None) -> str:
         "  component                                           GiB",
     ]
     lines += [f"    {label:<46}{_gib(n)}" for label, n in est.components()]
+    lines.append(
+        f"  training = weights, adapters, optimizer + gradients + max(activations + {est.logits_saved / GIB:.2f} saved "
+        f"logits, {est.policy_activations / GIB:.2f} policy activations + logits)"
+    )
     lines.append("  phase peaks (incl. overhead): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.phases.items()))
     verdict = f"  peak: {est.peak / GIB:.2f} GiB ({est.peak_phase})"
     if gpu_gib is not None:
