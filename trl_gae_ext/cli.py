@@ -123,6 +123,8 @@ def parse_ppo_args(argv: list[str]):
         text = str(err)
         if "Unknown arguments from config file" in text or "not used by the HfArgumentParser" in text:
             raise CLIError(text.rstrip("."), f"check the spelling; `{PROG} ppo --help` lists every option") from err
+        if "bf16" in text or "fp16" in text:
+            raise CLIError(text, "without a GPU, pass --bf16 false (or --use_cpu true for bf16 on the CPU)") from err
         raise CLIError(text, "fix the setting named above") from err
 
 
@@ -343,6 +345,7 @@ def run_ppo(script_args, training_args, model_args) -> int:
     if evaluation is not None and training_args.eval_strategy != "no":
         metrics = trainer.evaluate()
         print("evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    trainer.end()  # finish trackers and destroy the process group (multi-GPU runs abort without it)
     return 0
 
 
