@@ -696,9 +696,9 @@ def _format_report(est: MemoryEstimate, gpu_gib: float | None) -> str:
         f"  rollout batch {s.batch_size} (micro batch {s.micro_batch}), prompt {s.prompt_length} + response "
         f"{s.response_length} tokens, value head {s.value_head!r}, gradient checkpointing "
         f"{'on' if s.gradient_checkpointing else 'off'}, {s.dtype}; trainable {est.trainable_parameters / 1e6:.1f}M",
-        "  component                                           GiB",
+        f"  {'component':<54}{'GiB':>7}",
     ]
-    lines += [f"    {label:<46}{_gib(n)}" for label, n in est.components()]
+    lines += [f"    {label:<52}{_gib(n)}" for label, n in est.components()]
     lines.append(
         f"  training = weights, adapters, optimizer + gradients + max(activations + {est.logits_saved / GIB:.2f} saved "
         f"logits, {est.policy_activations / GIB:.2f} policy activations + logits)"
