@@ -391,6 +391,9 @@ def measure(name: str, config_dict: dict, args, device) -> dict:
     for mode, runner in (("loop", run_loop), ("trainer", run_trainer)):
         if args.mode not in (mode, "both"):
             continue
+        if device.type == "cuda" and torch.cuda.memory_allocated() > 64 * 2**20:
+            print(f"  warning: {_gib(torch.cuda.memory_allocated())} GiB still allocated before the {mode} path; "
+                  "its figures include them")  # fmt: skip
         model = build_random_4bit_model(config_dict, device, seed=args.seed)
         try:
             out[mode] = runner(model, tok, args, device)
@@ -406,6 +409,25 @@ def measure(name: str, config_dict: dict, args, device) -> dict:
     return out
 
 
+def _measure_in_subprocess(shape: str, argv: list[str]) -> dict:
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:  # drop --models/--json and their values, the child gets its own
+        if arg in ("--models", "--json"):
+            skip = True
+        elif arg.startswith("--"):
+            skip = False
+        if not skip:
+            rest.append(arg)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        done = subprocess.run([sys.executable, __file__, *rest, "--models", shape, "--json", str(out)])
+        if not out.exists():
+            return {"planner": {}, "child": {"error": f"the measurement process exited with {done.returncode}"}}
+        return json.loads(out.read_text())["results"][shape]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -419,9 +441,12 @@ def main(argv=None) -> int:
     print(f"device: {name}; batch {args.batch_size}, prompt {args.prompt_length}, response {args.response_length}, "
           f"LoRA r={args.lora_r} all-linear, value_head='adapter', gradient checkpointing, {args.steps} iterations")  # fmt: skip
     shapes = {"tiny": TINY_CONFIG} if args.tiny else {m: REFERENCE_CONFIGS[m] for m in args.models}
-    results = {}
-    for shape, config_dict in shapes.items():
-        results[shape] = measure(shape, config_dict, args, device)
+    if len(shapes) > 1 and device.type == "cuda":  # one process per shape: nothing of one run inflates the next
+        results = {
+            shape: _measure_in_subprocess(shape, argv if argv is not None else sys.argv[1:]) for shape in shapes
+        }
+    else:
+        results = {shape: measure(shape, config_dict, args, device) for shape, config_dict in shapes.items()}
     if args.json:
         args.json.write_text(json.dumps({"device": name, "args": {k: str(v) for k, v in vars(args).items()},
                                          "results": results}, indent=2, default=str))  # fmt: skip
