@@ -70,7 +70,7 @@ def lengths_for(T):
 
 # gamma, lam: the boundaries 0 and 1 of both, and usual settings.
 GAMMA_LAMBDA = [(1.0, 1.0), (1.0, 0.95), (0.99, 0.95), (0.9, 0.0), (0.0, 0.7), (0.5, 1.0), (1.0, 0.0), (0.0, 0.0)]
-# 1: a single step; 7: one short chunk; 130: several chunks with a padded last one.
+# 1: no doubling step; 7: three steps, T not a power of two; 130: eight steps, the last one shifting past T/2.
 LENGTHS = [1, 7, 130]
 
 

@@ -20,7 +20,6 @@ implementation details follow TRL 1.12 `trl/experimental/ppo/ppo_trainer.py` and
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -30,10 +29,6 @@ import torch.nn.functional as F
 KL_ESTIMATORS = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean")
-
-# Chunk length of the blockwise discounted sum in `_reverse_discounted_cumsum`: long enough that a [K, K]
-# matrix product replaces K tiny kernel launches, short enough that building the matrices stays cheap.
-_MIN_CHUNK = 64
 
 # verl's `compute_policy_loss` clamps the log-ratio to [-20, 20] before `exp` for the same reason: a stale or
 # corrupted log-probability must not turn the loss or its gradient into inf/nan. exp(20) ~ 4.9e8 is far outside
@@ -133,63 +128,33 @@ def masked_whiten(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _discount_matrix(discount: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Lower-triangular Toeplitz matrices `L[r, a, b] = discount[r]^(a-b)` for `a >= b`, 0 above the diagonal.
-
-    Built from the `size` powers of each discount (a sliding window over `[0, ..., 0, 1, d, d^2, ...]`) rather
-    than `size^2` calls to `pow`. `0^0 = 1`, so a zero discount gives the identity.
-
-    Args:
-        discount: Shape: `[R]`, float64, in [0, 1].
-
-    Returns:
-        Shape: `[R, size, size]` in `dtype`.
-    """
-    powers = (discount[:, None] ** torch.arange(size, device=discount.device)).to(dtype)  # [R, size]
-    padded = torch.cat([powers.new_zeros(discount.shape[0], size - 1), powers], dim=1)  # [R, 2*size-1]
-    return padded.unfold(1, size, 1).flip(-1)  # [r, a, b] = padded[r, a + size-1 - b] = d^(a-b) or 0
-
-
 def _reverse_discounted_cumsum(x: torch.Tensor, discount: float | torch.Tensor) -> torch.Tensor:
     """`y_t = sum_{l >= 0} discount^l * x_{t+l}` along the last dim, i.e. `y_t = x_t + discount * y_{t+1}`.
 
-    Computed blockwise instead of with a loop over t (which costs T tiny kernel launches): inside each chunk of K
-    steps `y = L^T x` with the triangular `L[a, b] = discount^(a-b)`; the chunks are joined by the same product one
-    level up over the chunk heads (discount `discount^K`), and position i of a chunk adds `discount^(K-i)` times
-    the next chunk's head. Only non-negative powers of a discount in [0, 1] appear, so nothing overflows and
-    small powers underflow to 0, their exact limit (cumsum tricks with `discount^-t` overflow for small discounts).
+    A reverse loop over t costs T tiny kernel launches. This is the recursive-doubling scan for a first-order
+    linear recurrence (Hillis & Steele 1986; Kogge & Stone 1973): after the step with shift s, `y_t` holds
+    `sum_{l < 2s} discount^l x_{t+l}`, because `y_t + discount^s * y_{t+s}` appends the next s terms. It takes
+    ceil(log2 T) steps of two whole-batch kernels each (20 for T = 1024). Only non-negative powers of a discount in
+    [0, 1] appear, so nothing overflows and small powers underflow to 0, their exact limit (the closed form
+    `cumsum(discount^-t * x)` overflows for small discounts). Each result goes through ceil(log2 T) additions, not
+    up to T as in the loop, so rounding errors stay at the level of a few ulps.
 
     Args:
         x: Shape: `[B, T]`, float32 or float64.
-        discount: a float, or Shape: `[B]` (one discount per row).
+        discount: a float, or Shape: `[B]` (one discount per row), in [0, 1].
     """
-    B, T = x.shape
-    if T == 0:
-        return x.clone()
-    K = min(T, max(_MIN_CHUNK, math.ceil(math.sqrt(T))))
-    N = math.ceil(T / K)
+    T = x.shape[-1]
     per_row = isinstance(discount, torch.Tensor)
-    # Powers are built in float64 so that discount^k is as exact as the result dtype allows.
-    d = (
-        discount.to(device=x.device, dtype=torch.float64)
-        if per_row
-        else torch.tensor([discount], dtype=torch.float64, device=x.device)
-    )
-
-    within = _discount_matrix(d, K, x.dtype)  # [B or 1, K, K]
-    if not per_row:
-        within = within[0]
-    chunks = F.pad(x, (0, N * K - T)).view(B, N, K)
-    y = chunks @ within  # [B, N, K]: y[b, n, i] = sum_{j >= i} discount^(j-i) * chunks[b, n, j]
-
-    if N > 1:
-        across = _discount_matrix(d**K, N, x.dtype)  # [B or 1, N, N]
-        heads = y[:, None, :, 0]  # [B, 1, N]: the value at each chunk start, counting only its own chunk
-        starts = (heads @ (across if per_row else across[0])).squeeze(1)  # [B, N]: ... counting all later chunks
-        next_start = F.pad(starts[:, 1:], (0, 1))  # [B, N]
-        tail = (d[:, None] ** torch.arange(K, 0, -1, device=x.device)).to(x.dtype)  # [B or 1, K]: discount^(K-i)
-        y = y + next_start[:, :, None] * tail[:, None, :]
-    return y.reshape(B, N * K)[:, :T]
+    if per_row:
+        discount = discount.to(device=x.device, dtype=torch.float64)[:, None]  # [B, 1]
+    y = x.clone()
+    shift = 1
+    while shift < T:
+        # Powers in float64, rounded once to the compute dtype.
+        factor = (discount**shift).to(x.dtype) if per_row else float(discount) ** shift
+        y[:, : T - shift].add_(y[:, shift:] * factor)  # the product is a new tensor, so the overlap is safe
+        shift *= 2
+    return y
 
 
 def _as_lambda(lam: float | torch.Tensor, batch_size: int, name: str) -> float | torch.Tensor:
