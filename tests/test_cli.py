@@ -112,6 +112,7 @@ def test_plan_command_prints_the_planner_report(capsys):
         (["ppo"], "full", 0, "trl-gae-demo"),
         (["ppo", "--smoke", "--seed", "3", "--output_dir", "x"], "smoke", 3, "x"),
         (["demo", "--iterations", "5"], "full", 0, "trl-gae-demo"),
+        (["ppo", "--output-dir", "y"], "full", 0, "y"),
     ],
 )
 def test_ppo_without_model_or_dataset_runs_the_demo(argv, size, seed, output_dir, monkeypatch):
@@ -124,6 +125,11 @@ def test_ppo_without_model_or_dataset_runs_the_demo(argv, size, seed, output_dir
     assert (config.size, config.seed, config.output_dir) == (size, seed, output_dir)
     if argv[0] == "demo":
         assert config.settings.iterations == 5
+
+
+def test_dashed_training_flags_are_not_the_demo(capsys):
+    assert cli.main(["ppo", "--model-name-or-path", "org/model"]) == 2
+    assert "trl-gae ppo: error: no dataset given" in capsys.readouterr().err
 
 
 # -- datasets ------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parque
 # `--debug <option>` belongs to `TrainingArguments.debug`; a bare `--debug` asks for tracebacks
 TRAINING_DEBUG_OPTIONS = ("underflow_overflow", "tpu_metrics_debug")
 # any of these in `trl-gae ppo`'s arguments means "train my model", not "run the demo"
-TRAINING_FLAGS = ("--config", "--model_name_or_path", "--dataset_name", "-h", "--help")
+TRAINING_FLAGS = ("config", "model_name_or_path", "dataset_name", "h", "help")
 
 
 class CLIError(Exception):
@@ -350,7 +350,8 @@ def run_ppo(script_args, training_args, model_args) -> int:
 
 
 def ppo_command(argv: list[str]) -> int:
-    if not any(arg.split("=")[0] in TRAINING_FLAGS for arg in argv):
+    flags = {arg.split("=")[0].lstrip("-").replace("-", "_") for arg in argv if arg.startswith("-")}
+    if not flags & set(TRAINING_FLAGS):
         from .demo import demo_main
 
         return demo_main(argv, prog=f"{PROG} ppo")

@@ -139,12 +139,14 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name not in ("cpu", "cuda", "mps"):
+        raise CLIError(
+            f"unknown --device {name!r}", "use auto, cpu, cuda or mps (pick a GPU with CUDA_VISIBLE_DEVICES=N)"
+        )
+    if name == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available here", "use --device cpu (or auto)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise CLIError("--device mps: MPS is not available here", "use --device cpu (or auto)")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise CLIError(f"unknown --device {name!r}", "use auto, cpu, cuda, cuda:N or mps")
     return name
 
 
@@ -561,13 +563,19 @@ def build_demo_parser(prog: str = "trl-gae demo") -> argparse.ArgumentParser:
     )
     parser.add_argument("--smoke", action="store_true", help="seconds-long reduced run (what the tests run)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model init, warm start and PPO (default 0)")
-    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help=f"default ./{DEFAULT_OUTPUT_DIR}")
-    parser.add_argument("--cache_dir", default=None, help=f"warm-start cache (default {default_cache_dir()})")
-    parser.add_argument("--no_cache", action="store_true", help="retrain the warm start even if it is cached")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--output_dir", "--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"default ./{DEFAULT_OUTPUT_DIR}"
+    )
+    parser.add_argument(
+        "--cache_dir", "--cache-dir", default=None, help=f"warm-start cache (default {default_cache_dir()})"
+    )
+    parser.add_argument(
+        "--no_cache", "--no-cache", action="store_true", help="retrain the warm start even if it is cached"
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or mps")
     parser.add_argument("--iterations", type=int, default=None, help="PPO iterations (default 200; 2 with --smoke)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1, see the docs)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
