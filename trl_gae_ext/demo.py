@@ -455,13 +455,60 @@ def _print_samples(evaluator: HeldoutBleu, before: list[str], after: list[str], 
         print(f"  {prompt:>4}: {b or '(empty)'} | {a or '(empty)'} | {ref}  [{mark}]")
 
 
+def train_ppo(config: DemoConfig, device: str, splits, policy, tokenizer, evaluator: HeldoutBleu, before: dict):
+    """PPO from the warm start, writing `metrics.jsonl` as it goes; returns the trained policy and the records."""
+    from datasets import Dataset
+    from transformers import set_seed
+
+    from .callbacks import IterationProgressCallback
+    from .rewards import BleuReward
+    from .trainer import PPOTrainer
+
+    settings = config.settings
+    records: list[dict] = []
+    with open(os.path.join(config.output_dir, "metrics.jsonl"), "w") as metrics_file:
+        callback = make_demo_callback(evaluator, settings.eval_every, settings.iterations, records, metrics_file)
+        callback._write(evaluator.record(before, 0, 0))
+        callback.latest = before["bleu"]
+        # PPOTrainer draws the value head's initial weights before `Trainer.__init__` seeds: seed here, so a run that
+        # trained the warm start and one that loaded it from the cache give the same result
+        set_seed(config.seed)
+        trainer = PPOTrainer(
+            policy,
+            BleuReward(),
+            args=ppo_config(config, device),
+            train_dataset=Dataset.from_dict(demo_task.rows(splits.ppo)),
+            processing_class=tokenizer,
+            callbacks=[callback],
+        )
+        if config.progress:
+            trainer.remove_callback(IterationProgressCallback)
+
+            def postfix(logs):
+                return {
+                    "reward": f"{logs['objective/scores']:.3f}",
+                    "kl": f"{logs.get('objective/kl', 0.0):.2f}",
+                    "heldout_bleu": f"{callback.latest:.1f}",
+                }
+
+            trainer.add_callback(_progress_callback(IterationProgressCallback, "PPO", postfix))
+        trainer.train()
+    return trainer.accelerator.unwrap_model(trainer.model).policy, records
+
+
+def write_outputs(config: DemoConfig, device: str, result: DemoResult) -> None:
+    plot_curves(result.records, result.plot_path)
+    summary = {k: v for k, v in asdict(result).items() if k != "records"}
+    summary.update(config=asdict(config), settings=asdict(config.settings), device=device)
+    with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
 def run_demo(config: DemoConfig | None = None) -> DemoResult:
     """Warm start (cached), PPO, outputs; prints progress and the `held-out BLEU: a -> b` line last."""
     config = config or DemoConfig()
     start = time.perf_counter()
     device = resolve_device(config.device)
-    threads = config.num_threads or (1 if device == "cpu" else None)
-    settings = config.settings
     try:
         os.makedirs(config.output_dir, exist_ok=True)
     except OSError as err:
@@ -470,15 +517,10 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         f"trl-gae demo: PPO + GAE teaches a tiny Llama to spell numbers ('4721' -> "
         f"'{demo_task.number_to_words(4721)}'), reward = BLEU. device={device}, seed={config.seed}"
     )
-    with quiet_libraries(threads):
-        from datasets import Dataset
-        from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    with quiet_libraries(config.num_threads or (1 if device == "cpu" else None)):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .callbacks import IterationProgressCallback
-        from .rewards import BleuReward
-        from .trainer import PPOTrainer
-
-        splits = build_splits(settings)
+        splits = build_splits(config.settings)
         sft_dir, cached = warm_start(config, device, splits)
         print(f"warm start: {'reused' if cached else 'trained and cached'} {sft_dir}")
         tokenizer = AutoTokenizer.from_pretrained(sft_dir)
@@ -487,44 +529,12 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         policy = AutoModelForCausalLM.from_pretrained(sft_dir)
         evaluator = HeldoutBleu(tokenizer, splits.heldout)
         before = evaluator.score(policy)
-
-        records: list[dict] = []
-        metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
-        with open(metrics_path, "w") as metrics_file:
-            callback = make_demo_callback(evaluator, settings.eval_every, settings.iterations, records, metrics_file)
-            callback._write(evaluator.record(before, 0, 0))
-            callback.latest = before["bleu"]
-            # PPOTrainer draws the value head's initial weights before `Trainer.__init__` seeds: seed here, so a run
-            # that trained the warm start and one that loaded it from the cache give the same result
-            set_seed(config.seed)
-            trainer = PPOTrainer(
-                policy,
-                BleuReward(),
-                args=ppo_config(config, device),
-                train_dataset=Dataset.from_dict(demo_task.rows(splits.ppo)),
-                processing_class=tokenizer,
-                callbacks=[callback],
-            )
-            if config.progress:
-                trainer.remove_callback(IterationProgressCallback)
-
-                def postfix(logs):
-                    return {
-                        "reward": f"{logs['objective/scores']:.3f}",
-                        "kl": f"{logs.get('objective/kl', 0.0):.2f}",
-                        "heldout_bleu": f"{callback.latest:.1f}",
-                    }
-
-                trainer.add_callback(_progress_callback(IterationProgressCallback, "PPO", postfix))
-            trainer.train()
-        policy = trainer.accelerator.unwrap_model(trainer.model).policy
+        policy, records = train_ppo(config, device, splits, policy, tokenizer, evaluator, before)
         after = evaluator.score(policy)
         model_dir = os.path.join(config.output_dir, "model")
         policy.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
 
-    plot_path = os.path.join(config.output_dir, "reward_curve.png")
-    plot_curves(records, plot_path)
     result = DemoResult(
         bleu_before=before["bleu"],
         bleu_after=after["bleu"],
@@ -534,22 +544,19 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         sft_cached=cached,
         sft_dir=sft_dir,
         output_dir=config.output_dir,
-        metrics_path=metrics_path,
-        plot_path=plot_path,
+        metrics_path=os.path.join(config.output_dir, "metrics.jsonl"),
+        plot_path=os.path.join(config.output_dir, "reward_curve.png"),
         model_dir=model_dir,
         records=records,
     )
-    summary = {k: v for k, v in asdict(result).items() if k != "records"}
-    summary.update(config=asdict(config), settings=asdict(settings), device=device)
-    with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_outputs(config, device, result)
     _print_samples(evaluator, before["outputs"], after["outputs"])
     print(
         f"exact answers: {before['exact_match']:.1f}% -> {after['exact_match']:.1f}%; "
         f"output/reference length: {before['length_ratio']:.2f} -> {after['length_ratio']:.2f}"
     )
-    print(f"wrote {metrics_path}, {plot_path}, {model_dir}/ in {result.seconds:.0f} s")
-    print(result.summary_line(settings.heldout))
+    print(f"wrote {result.metrics_path}, {result.plot_path}, {model_dir}/ in {result.seconds:.0f} s")
+    print(result.summary_line(config.settings.heldout))
     return result
 
 
