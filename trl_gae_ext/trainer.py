@@ -22,6 +22,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, Trainer
@@ -123,6 +124,9 @@ class PPOTrainer(Trainer):
 
         model_id = model if isinstance(model, str) else None
         policy = load_policy(model, args, quantization_config)
+        # a model that went through another Trainer keeps accelerate's patched `forward` bound to itself: unwrap it,
+        # or the reference deepcopy below would call the policy and the KL would always be 0
+        policy = extract_model_from_parallel(policy, keep_fp32_wrapper=False)
         tokenizer = processing_class or AutoTokenizer.from_pretrained(model_id or policy.config._name_or_path)
         if tokenizer.pad_token is None:  # as TRL does
             tokenizer.pad_token = tokenizer.eos_token
