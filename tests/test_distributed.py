@@ -1,8 +1,7 @@
-"""Two CPU processes (torchrun, gloo): the trainer completes and whitens advantages with global statistics."""
+"""Two CPU processes (gloo): the trainer completes and whitens advantages with global statistics."""
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -10,31 +9,46 @@ import sys
 import pytest
 
 
-def test_two_process_run_whitens_with_global_statistics(tmp_path):
-    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    # torchrun's workers occasionally hang at exit on a loaded machine after writing their results: bound each
-    # attempt, kill the whole process group, and try once more
-    for _attempt in range(2):
-        with socket.socket() as sock:  # a free port, so concurrent runs on one machine do not collide
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, worker]
-        proc = subprocess.Popen(
-            cmd + [str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            _, stderr = proc.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            if all((tmp_path / f"rank{r}.json").exists() for r in (0, 1)):
-                break  # results are complete; only the exit hung
-            continue
+WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+
+
+def _launch(tmp_path, timeout: float = 180.0) -> None:
+    """Start both ranks the way torchrun does (its environment variables), each writing its log to a file.
+
+    Starting them here rather than through torchrun keeps every process in our hands: torchrun puts its workers in
+    sessions of their own, so a stalled worker survives killing torchrun and holds its pipes open.
+    """
+    with socket.socket() as sock:  # a free port, so concurrent runs on one machine do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    base = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", WORLD_SIZE="2")
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, LOCAL_WORLD_SIZE="2", GLOO_SOCKET_IFNAME="lo")
+    procs, logs = [], []
+    for rank in (0, 1):
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path)], env=env, stdout=log, stderr=log))
+        logs.append(log)
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    for rank, proc in enumerate(procs):
         if proc.returncode != 0:
-            pytest.fail(f"torchrun failed ({proc.returncode}):\n{stderr[-4000:]}")
-        break
+            tail = (tmp_path / f"rank{rank}.log").read_text()[-4000:]
+            pytest.fail(f"rank {rank} exited with {proc.returncode} (killed after {timeout:.0f} s if -9):\n{tail}")
+
+
+def test_two_process_run_whitens_with_global_statistics(tmp_path):
+    _launch(tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     # each process answered different prompts (the sampler splits every rollout batch)
