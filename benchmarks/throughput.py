@@ -212,6 +212,7 @@ def _common_args(spec: dict, output_dir: str) -> dict:
         kl_estimator="k1",
         gamma=1.0,
         lam=0.95,
+        lam_critic=None,  # TRL 1.12 has one lambda for actor and critic
         cliprange=0.2,
         cliprange_value=0.2,
         vf_coef=0.1,

@@ -155,8 +155,11 @@ class PPOConfig(TrainingArguments):
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda of the actor's advantages."})
     lam_critic: float | None = field(
-        default=None,
-        metadata={"help": "GAE lambda of the critic's targets (decoupled GAE, VC-PPO/VAPO); None uses `lam`."},
+        default=1.0,
+        metadata={
+            "help": "GAE lambda of the critic's targets (decoupled GAE, VC-PPO/VAPO). 1.0 gives Monte Carlo targets; "
+            "None uses `lam` for both, as TRL 1.12 did. The default is measured in docs/learning.md."
+        },
     )
     lam_adaptive_alpha: float | None = field(
         default=None,
