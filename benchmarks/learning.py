@@ -1,6 +1,6 @@
 """Learning per completion: this package's PPO + GAE against TRL's GRPOTrainer and RLOOTrainer on equal budgets.
 
-    python benchmarks/learning.py                  # 8 methods x 3 seeds, ~10 min on 2 CPU cores (2 runs at a time)
+    python benchmarks/learning.py                  # 9 methods x 3 seeds, ~11 min on 2 CPU cores (2 runs at a time)
     python benchmarks/learning.py --quick          # seconds: smoke-sized, 3 methods, 1 seed (run by the tests)
     python benchmarks/learning.py --report-only    # redraw the table and plot from the saved runs
 
@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -253,11 +254,11 @@ def run_one(method_name: str, seed: int, size: str, budget: int, eval_every: int
                 clock["since"] = time.perf_counter()
 
     evaluate(policy, 0)
-    trainer = build_trainer(
-        method, policy, tokenizer, dataset, reward, budget, seed, os.path.join(out, "tmp"), EvalCallback()
-    )
+    scratch = os.path.join(out, "tmp", f"{method.name}-seed{seed}")  # the trainer's output_dir; nothing is kept
+    trainer = build_trainer(method, policy, tokenizer, dataset, reward, budget, seed, scratch, EvalCallback())
     trainer.remove_callback(PrinterCallback)  # the logs are the trainers' own business here; we print a line per run
     trainer.train()
+    shutil.rmtree(scratch, ignore_errors=True)
     result = {
         "method": method.name,
         "label": method.label,
