@@ -355,6 +355,16 @@ def test_unknown_choices_list_the_valid_values(tmp_path, field, value, valid):
         make_args(tmp_path, **{field: value})
 
 
+def test_k1_as_a_kl_loss_warns_and_the_working_combinations_do_not(tmp_path, recwarn):
+    with pytest.warns(UserWarning, match="expected gradient is zero"):
+        make_args(tmp_path, kl_estimator="k1", kl_in_reward=False)
+    recwarn.clear()
+    make_args(tmp_path, kl_estimator="k3", kl_in_reward=False)
+    make_args(tmp_path, kl_estimator="k1", kl_in_reward=True)
+    make_args(tmp_path, kl_estimator="k1", kl_in_reward=False, kl_coef=0.0)
+    assert not [w for w in recwarn if "expected gradient is zero" in str(w.message)]
+
+
 def test_save_steps_must_fall_between_rollouts(tmp_path):
     with pytest.raises(ValueError, match="multiple of the optimizer steps per rollout"):
         make_args(tmp_path, save_strategy="steps", save_steps=3)

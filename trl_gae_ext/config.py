@@ -9,6 +9,7 @@ each accumulating `gradient_accumulation_steps` micro-batches.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,6 +239,15 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"`dual_clip` must be > 1 (3.0 is usual) or None, got {self.dual_clip}.")
         if self.kl_coef < 0:
             raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}.")
+        if not self.kl_in_reward and self.kl_estimator == "k1" and self.kl_coef > 0:
+            # d/dtheta of (log pi - log ref) is grad log pi, whose expectation under the sampling policy is 0
+            warnings.warn(
+                "kl_estimator='k1' with kl_in_reward=False adds a loss whose expected gradient is zero at the first "
+                "PPO epoch, so the KL penalty does almost nothing; use kl_estimator='k3' (GRPO's) or 'k2' for a KL "
+                "loss, or keep k1 in the reward (kl_in_reward=True).",
+                UserWarning,
+                stacklevel=2,
+            )
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ValueError(f"`missing_eos_penalty` must be >= 0 (it is subtracted), got {self.missing_eos_penalty}.")
         for name in ("num_ppo_epochs", "num_mini_batches", "response_length", "local_rollout_forward_batch_size"):

@@ -356,7 +356,7 @@ def warm_start(config: DemoConfig, device: str, splits) -> tuple[str, bool]:
 
 # -- 2. PPO ------------------------------------------------------------------------------------------------------
 def ppo_config(config: DemoConfig, device: str):
-    """PPO settings tuned for the demo: held-out BLEU 33-40 -> 87-92 over seeds 0-4 (see docs/quickstart.md)."""
+    """PPO settings tuned for the demo: held-out BLEU 33-40 -> 88-91 over seeds 0-4 (see docs/quickstart.md)."""
     from .config import PPOConfig
 
     s = config.settings
@@ -377,10 +377,10 @@ def ppo_config(config: DemoConfig, device: str):
         temperature=0.7,
         # sentence BLEU pays for short, safe answers (the brevity penalty costs less than a wrong last word): at
         # kl_coef=0.01 the policy learned to stop after "... hundred" and stalled at BLEU 64 (length ratio 0.77,
-        # exact answers 4% -> 7%); 0.05 makes that costly and the policy fixes its words instead (BLEU 87-92,
-        # exact answers 53-67%, length ratio 0.96-0.99 over seeds 0-4)
+        # exact answers 4% -> 7%); 0.05 makes that costly and the policy fixes its words instead (BLEU 88-91,
+        # exact answers 53-63%, length ratio 0.96-1.00 over seeds 0-4)
         kl_coef=0.05,
-        lam=0.95,
+        lam=0.95,  # the actor's; the critic uses the default lam_critic=1.0 (chosen in docs/learning.md)
         gamma=1.0,
         value_head="separate",  # the critic starts as a copy of the warm-started backbone
         logging_steps=steps_per_rollout,  # one log record per PPO iteration
