@@ -365,6 +365,28 @@ def test_k1_as_a_kl_loss_warns_and_the_working_combinations_do_not(tmp_path, rec
     assert not [w for w in recwarn if "expected gradient is zero" in str(w.message)]
 
 
+def test_without_a_stop_token_responses_run_past_eos_to_the_full_length(tmp_path, tokenizer):
+    model = make_model(tokenizer)
+    with torch.no_grad():  # make EOS likely, so that many responses sample it before their last token
+        model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight.mean(0) + 4.0 * model.lm_head.weight.std()
+    args = make_args(tmp_path, stop_token=None, response_length=8, per_device_train_batch_size=8, total_episodes=16)
+    trainer = PPOTrainer(model, lambda completions, **kw: [0.0] * len(completions), args=args,
+                         train_dataset=dataset(16), processing_class=tokenizer)  # fmt: skip
+    wrapper = trainer.accelerator.unwrap_model(trainer.model)
+    ids, mask = trainer._tokenize_prompts(make_prompts(32))
+    torch.manual_seed(0)
+    responses = trainer._generate(wrapper, ids, mask, trainer._generation_config(tokenizer, sampling=True))
+    assert responses.shape == (32, 8)
+    eos = responses[:, :-1] == tokenizer.eos_token_id
+    assert eos.any(), "the test needs sampled EOS tokens before the last position"
+    # generation went on after each EOS: what follows is sampled text, not padding
+    rows, cols = eos.nonzero(as_tuple=True)
+    assert (responses[rows, cols + 1] != tokenizer.pad_token_id).float().mean() > 0.5
+    assert wrapper.policy.generation_config.eos_token_id == tokenizer.eos_token_id  # restored after the call
+    trainer.train()
+    assert trainer._rollout.response_mask.all()  # every sampled token is an action
+
+
 def test_save_steps_must_fall_between_rollouts(tmp_path):
     with pytest.raises(ValueError, match="multiple of the optimizer steps per rollout"):
         make_args(tmp_path, save_strategy="steps", save_steps=3)

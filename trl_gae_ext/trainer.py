@@ -268,13 +268,22 @@ class PPOTrainer(Trainer):
         """Sampled responses `[B, R]` (right-padded), generated in chunks with the KV cache."""
         chunk = self.args.local_rollout_forward_batch_size
         responses = []
-        for i in range(0, prompt_ids.shape[0], chunk):
-            seq = model.policy.generate(
-                input_ids=prompt_ids[i : i + chunk],
-                attention_mask=prompt_mask[i : i + chunk],
-                generation_config=config,
-            )
-            responses.extend(seq[:, prompt_ids.shape[1] :])
+        # With no stop token every response runs to `response_length`. `generate` fills an unset eos_token_id from the
+        # model's own generation config, so that one is cleared for the call (and restored after it).
+        own_config = model.policy.generation_config
+        saved_eos = own_config.eos_token_id
+        if config.eos_token_id is None:
+            own_config.eos_token_id = None
+        try:
+            for i in range(0, prompt_ids.shape[0], chunk):
+                seq = model.policy.generate(
+                    input_ids=prompt_ids[i : i + chunk],
+                    attention_mask=prompt_mask[i : i + chunk],
+                    generation_config=config,
+                )
+                responses.extend(seq[:, prompt_ids.shape[1] :])
+        finally:
+            own_config.eos_token_id = saved_eos
         return pad(responses, padding_value=self.processing_class.pad_token_id, padding_side="right")
 
     # -- one PPO iteration: experience -----------------------------------------------------------------------------
