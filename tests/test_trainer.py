@@ -115,18 +115,35 @@ def test_every_layout_trains_policy_and_critic(tmp_path, tokenizer, overrides, e
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def alpha_share(prompts, completions, completion_ids, **kwargs):
+    """The share of the 4 response tokens that are 'alpha' (1 of 36 tokens under the random start)."""
+    return [sum(i == first_is_alpha.token_id for i in ids) / 4 for ids in completion_ids]
+
+
 def test_mean_reward_rises_on_a_toy_task(tmp_path, tokenizer):
-    """The reward is 1 when the first response token is 'alpha' (1 of 36 tokens under the random start)."""
+    # with args.seed fixing every initialisation, seeds 0-4 went from ~0.03 to 0.64-0.78 over these 24 iterations
     args = make_args(
         tmp_path, per_device_train_batch_size=8, total_episodes=384, response_length=4, kl_coef=0.01, logging_steps=4
     )
-    trainer = PPOTrainer(make_model(tokenizer), first_is_alpha, args=args, train_dataset=dataset(64),
+    trainer = PPOTrainer(make_model(tokenizer), alpha_share, args=args, train_dataset=dataset(64),
                          processing_class=tokenizer)  # fmt: skip
     trainer.train()
     scores = [h["objective/scores"] for h in trainer.state.log_history if "objective/scores" in h]
-    assert len(scores) >= 8
+    assert len(scores) == 24
     start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
-    assert start < 0.2 and end > start + 0.3, scores
+    assert start < 0.1 and end > 0.45, scores
+
+
+def test_args_seed_alone_fixes_the_value_head_initialisation(tmp_path, tokenizer):
+    def head(seed, disturb):
+        torch.manual_seed(disturb)  # whatever the caller did to the global RNG before
+        trainer = PPOTrainer(make_model(tokenizer), length_reward, args=make_args(tmp_path, seed=seed, value_head="shared"),
+                             train_dataset=dataset(), processing_class=tokenizer)  # fmt: skip
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("value_head.")}
+
+    a, b, c = head(seed=0, disturb=1), head(seed=0, disturb=2), head(seed=1, disturb=1)
+    assert a and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
 def test_critic_warmup_trains_only_the_critic(tmp_path, tokenizer):

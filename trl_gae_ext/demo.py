@@ -458,7 +458,6 @@ def _print_samples(evaluator: HeldoutBleu, before: list[str], after: list[str], 
 def train_ppo(config: DemoConfig, device: str, splits, policy, tokenizer, evaluator: HeldoutBleu, before: dict):
     """PPO from the warm start, writing `metrics.jsonl` as it goes; returns the trained policy and the records."""
     from datasets import Dataset
-    from transformers import set_seed
 
     from .callbacks import IterationProgressCallback
     from .rewards import BleuReward
@@ -470,9 +469,6 @@ def train_ppo(config: DemoConfig, device: str, splits, policy, tokenizer, evalua
         callback = make_demo_callback(evaluator, settings.eval_every, settings.iterations, records, metrics_file)
         callback._write(evaluator.record(before, 0, 0))
         callback.latest = before["bleu"]
-        # PPOTrainer draws the value head's initial weights before `Trainer.__init__` seeds: seed here, so a run that
-        # trained the warm start and one that loaded it from the cache give the same result
-        set_seed(config.seed)
         trainer = PPOTrainer(
             policy,
             BleuReward(),

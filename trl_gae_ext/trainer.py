@@ -25,7 +25,14 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, Trainer
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    Trainer,
+    enable_full_determinism,
+    set_seed,
+)
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 from trl.data_utils import is_conversational, maybe_apply_chat_template
@@ -121,6 +128,12 @@ class PPOTrainer(Trainer):
             raise TypeError(f"`args` must be a trl_gae_ext.PPOConfig, got {type(args).__name__}.")
         _check_dataset(train_dataset, "train_dataset")
         _check_dataset(eval_dataset, "eval_dataset")
+        # the value head and the LoRA adapters are initialised here, before `Trainer.__init__` seeds: seed now, so
+        # that `args.seed` alone fixes the run
+        if args.full_determinism:
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
 
         model_id = model if isinstance(model, str) else None
         policy = load_policy(model, args, quantization_config)
