@@ -212,7 +212,6 @@ def _common_args(spec: dict, output_dir: str) -> dict:
         kl_estimator="k1",
         gamma=1.0,
         lam=0.95,
-        lam_critic=None,  # TRL 1.12 has one lambda for actor and critic
         cliprange=0.2,
         cliprange_value=0.2,
         vf_coef=0.1,
@@ -247,6 +246,7 @@ def worker_ours(spec: dict) -> dict:
     args = PPOConfig(
         **_common_args(spec, os.path.join(spec["workdir"], "out-ours")),
         kl_in_reward=True,  # TRL 1.12: -kl_coef x KL is a per-token reward
+        lam_critic=None,  # TRL 1.12: one lambda for actor and critic
         whiten_advantages=True,
         logging_steps=spec["num_ppo_epochs"] * spec["num_mini_batches"],  # one log per iteration
     )
