@@ -139,7 +139,7 @@ def kl_to_start(policy, start, tokenizer, prompts: list[str], max_new_tokens: in
 
 
 # -- one run -----------------------------------------------------------------------------------------------------
-def _common_args(kind: str, out_dir: str, budget: int, seed: int) -> dict:
+def _common_args(out_dir: str, seed: int) -> dict:
     return dict(
         output_dir=out_dir,
         learning_rate=LEARNING_RATE,
@@ -157,7 +157,7 @@ def _common_args(kind: str, out_dir: str, budget: int, seed: int) -> dict:
 def build_trainer(method: Method, policy, tokenizer, dataset, reward, budget: int, seed: int, out_dir: str, callback):
     from trl_gae_ext.demo import RESPONSE_LENGTH
 
-    common = _common_args(method.kind, out_dir, budget, seed)
+    common = _common_args(out_dir, seed)
     if method.kind == "ppo":
         from trl_gae_ext import PPOConfig, PPOTrainer
 
@@ -201,23 +201,21 @@ def run_one(method_name: str, seed: int, size: str, budget: int, eval_every: int
 
     torch.set_num_threads(1)
     datasets.disable_progress_bars()
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback, set_seed
     from transformers.utils import logging as hf_logging
 
     from trl_gae_ext import demo, demo_task
-    from trl_gae_ext.demo import DemoConfig, HeldoutBleu, warm_start
+    from trl_gae_ext.demo import HeldoutBleu
 
     hf_logging.set_verbosity_error()
     method = METHODS[method_name]
-    config = DemoConfig(size=size, seed=seed, cache_dir=cache_dir, progress=False, output_dir=out)
-    splits = task_splits(config.settings)
-    sft_dir, _ = warm_start(config, "cpu", splits)
+    splits, sft_dir = warm_start_of(size, seed, cache_dir, out)
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     start = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
     set_seed(seed)
     policy = AutoModelForCausalLM.from_pretrained(sft_dir)
     evaluator = HeldoutBleu(tokenizer, splits.heldout)
-    from datasets import Dataset
 
     dataset = Dataset.from_dict(demo_task.rows(splits.ppo))
     reward = CountingReward()
@@ -450,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             # warm starts first, one per seed, so parallel runs do not train the same one twice
             for s in seeds:
-                _warm(size, s, args.cache_dir, args.out)
+                warm_start_of(size, s, args.cache_dir, args.out)
             with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
                 futures = [pool.submit(run_one, m, s, *job) for m, s in todo]
                 for i, future in enumerate(futures):
@@ -467,11 +465,14 @@ def task_splits(settings):
     return demo_task.make_splits(settings.sft_examples, ppo_prompts, settings.heldout, seed=demo.TASK_SEED)
 
 
-def _warm(size: str, seed: int, cache_dir: str | None, out: str) -> None:
+def warm_start_of(size: str, seed: int, cache_dir: str | None, out: str):
+    """The task split and the path of the seed's supervised warm start (the demo's, trained once and cached)."""
     from trl_gae_ext.demo import DemoConfig, warm_start
 
     config = DemoConfig(size=size, seed=seed, cache_dir=cache_dir, progress=False, output_dir=out)
-    warm_start(config, "cpu", task_splits(config.settings))
+    splits = task_splits(config.settings)
+    sft_dir, _ = warm_start(config, "cpu", splits)
+    return splits, sft_dir
 
 
 def _progress(done: int, total: int, result: dict, started: float) -> None:
