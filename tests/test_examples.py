@@ -163,6 +163,7 @@ def test_qlora_recipe_comment_matches_the_planner(capsys):
 
 
 def test_qlora_recipe_runs_4bit_on_the_tiny_model(tiny_model_dir, tldr, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
     from trl_gae_ext.trainer import PPOTrainer
 
     trainers = []

@@ -109,8 +109,7 @@ def _quant_state_bytes(model):
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_4bit_weight_bytes_match_bitsandbytes(saved_tiny_model, double_quant):
-    import bitsandbytes as bnb
-
+    bnb = pytest.importorskip("bitsandbytes")
     path, config = saved_tiny_model
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                                bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
@@ -162,7 +161,7 @@ def test_layer_activation_formula_matches_saved_tensors():
 
 def test_fp32_stream_activation_formula_matches_saved_tensors(tmp_path):
     """The QLoRA path: 4-bit base after prepare_model_for_kbit_training (fp32 stream), fp32 LoRA on all linears."""
-    import bitsandbytes  # noqa: F401
+    pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

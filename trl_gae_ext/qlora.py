@@ -39,6 +39,7 @@ def load_policy(model, args, quantization_config=None) -> PreTrainedModel:
     if isinstance(model, str):
         kwargs = model_init_kwargs(args)
         if quantization_config is not None:
+            require_bitsandbytes()
             kwargs["quantization_config"] = quantization_config
             kwargs.setdefault("dtype", getattr(quantization_config, "bnb_4bit_compute_dtype", None) or "auto")
         model = create_model_from_path(model, AutoModelForCausalLM, **kwargs)
@@ -56,6 +57,17 @@ def load_policy(model, args, quantization_config=None) -> PreTrainedModel:
             gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False},
         )
     return model
+
+
+def require_bitsandbytes() -> None:
+    """bitsandbytes is an optional dependency (the `qlora` extra): say which install line brings it."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "Loading a 4-bit/8-bit base (QLoRA) needs bitsandbytes, which is not installed: "
+            'pip install "trl-gae-ext[qlora]"'
+        ) from err
 
 
 def attach_adapters(model, peft_config, with_critic: bool):
