@@ -36,10 +36,11 @@ from transformers import (
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 from trl.data_utils import is_conversational, maybe_apply_chat_template
-from trl.trainer.utils import disable_dropout_in_model, identity, pad, print_prompt_completions_sample
+from trl.trainer.utils import identity, pad, print_prompt_completions_sample
 
 from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard
 from .config import PPOConfig
+from .dropout import disable_dropout
 from .gae import (
     adaptive_lambda,
     compute_decoupled_gae,
@@ -173,7 +174,7 @@ class PPOTrainer(Trainer):
             policy = attach_adapters(policy, peft_config, with_critic=layout == "adapter")
         for m in (policy, critic, ref_model):
             if m is not None:
-                disable_dropout_in_model(m)  # the first PPO epoch must see ratio == 1
+                disable_dropout(m)  # the first PPO epoch must see ratio == 1
         wrapper = PolicyValueModel(policy, head, layout, critic)
 
         super().__init__(
