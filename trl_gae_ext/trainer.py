@@ -18,7 +18,6 @@ import math
 import os
 import time
 from collections import defaultdict
-from typing import Any
 
 import safetensors.torch
 import torch
@@ -52,6 +51,7 @@ from .gae import (
     policy_loss,
     value_loss,
 )
+from .generation import build_generation_config, generating_with
 from .modeling import PolicyValueModel, build_critic, freeze_all_but_last_layers, is_peft_model
 from .qlora import attach_adapters, is_quantized, load_policy, model_init_kwargs
 from .rollout import Rollout, RolloutSampler, minibatch_plan, truncate_at_stop
@@ -243,23 +243,7 @@ class PPOTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def _generation_config(self, tokenizer, sampling: bool) -> GenerationConfig:
-        args = self.args
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=args.response_length,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=self.stop_token_id,
-            do_sample=sampling,
-        )
-        if sampling:
-            kwargs.update(
-                temperature=args.temperature,
-                top_k=args.top_k or 0,
-                top_p=args.top_p,
-                min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty,
-            )
-        kwargs.update(args.generation_kwargs or {})
-        return GenerationConfig(**kwargs)
+        return build_generation_config(self.args, tokenizer, self.stop_token_id, sampling)
 
     def _tokenize_prompts(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
         conversational = is_conversational({"prompt": prompts[0]})
@@ -282,13 +266,8 @@ class PPOTrainer(Trainer):
         """Sampled responses `[B, R]` (right-padded), generated in chunks with the KV cache."""
         chunk = self.args.local_rollout_forward_batch_size
         responses = []
-        # With no stop token every response runs to `response_length`. `generate` fills an unset eos_token_id from the
-        # model's own generation config, so that one is cleared for the call (and restored after it).
-        own_config = model.policy.generation_config
-        saved_eos = own_config.eos_token_id
-        if config.eos_token_id is None:
-            own_config.eos_token_id = None
-        try:
+        # only `config` applies: nothing is filled in from the checkpoint's own generation config (`generation.py`)
+        with generating_with(model.policy, config):
             for i in range(0, prompt_ids.shape[0], chunk):
                 seq = model.policy.generate(
                     input_ids=prompt_ids[i : i + chunk],
@@ -296,8 +275,6 @@ class PPOTrainer(Trainer):
                     generation_config=config,
                 )
                 responses.extend(seq[:, prompt_ids.shape[1] :])
-        finally:
-            own_config.eos_token_id = saved_eos
         return pad(responses, padding_value=self.processing_class.pad_token_id, padding_side="right")
 
     # -- one PPO iteration: experience -----------------------------------------------------------------------------
