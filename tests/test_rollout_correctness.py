@@ -2,6 +2,7 @@
 the first update), sampling uses only what `PPOConfig` asks for, and logged metrics have the documented values."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from transformers.generation.logits_process import (
 )
 
 from trl_gae_ext import PPOConfig, PPOTrainer
+from trl_gae_ext.gae import explained_variance
 from trl_gae_ext.generation import generating_with
 from trl_gae_ext.tiny import build_tiny_model
 
@@ -183,3 +185,88 @@ def test_sampled_tokens_come_from_the_distribution_ppo_scores(tmp_path, tokenize
     diff = (-out["logprobs"] - out["entropy"]).flatten()
     standard_error = diff.std().item() / math.sqrt(diff.numel())
     assert abs(diff.mean().item()) < 4 * standard_error, (diff.mean().item(), standard_error)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# item 8 (issue 10): metrics, by value
+# --------------------------------------------------------------------------------------------------------------
+def test_num_eos_tokens_counts_finished_responses(tmp_path, tokenizer):
+    trainer = PPOTrainer(llama(tokenizer), length_reward, args=make_args(tmp_path, temperature=1.0, response_length=8),
+                         train_dataset=dataset(), processing_class=tokenizer)  # fmt: skip
+    rollout = rollout_of(trainer, n=16)
+    r = rollout.response_mask.shape[1]
+    is_eos = (rollout.input_ids[:, -r:] == tokenizer.eos_token_id) & rollout.response_mask.bool()
+    finished = int(is_eos.any(dim=1).sum())
+    assert 0 < finished < 16  # the check means something
+    assert trainer._metrics["val/num_eos_tokens"] == [float(finished)]
+
+
+def test_nonfinite_losses_are_counted_in_each_logging_window(tmp_path, tokenizer):
+    def huge(prompts, completions, **kwargs):
+        return [3e38] * len(prompts)  # finite, but its square overflows in the value loss: every loss is inf
+
+    # 2 rollouts of 8 prompts, 2 optimizer steps each, 2 micro-batches per step; one log per optimizer step
+    args = make_args(tmp_path, total_episodes=16, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     whiten_advantages=False)  # fmt: skip
+    trainer = PPOTrainer(llama(tokenizer), huge, args=args, train_dataset=dataset(), processing_class=tokenizer)
+    trainer.train()
+    logged = [h["nonfinite/loss"] for h in trainer.state.log_history if "nonfinite/loss" in h]
+    assert logged == [2, 2, 2, 2]
+
+
+def test_episode_is_the_latest_count_not_a_window_mean(tmp_path, tokenizer):
+    # rollouts of 8 episodes, 2 optimizer steps each; a log every 4 steps covers 2 rollouts
+    args = make_args(tmp_path, total_episodes=32, logging_steps=4)
+    trainer = PPOTrainer(
+        llama(tokenizer), length_reward, args=args, train_dataset=dataset(), processing_class=tokenizer
+    )
+    trainer.train()
+    assert [h["episode"] for h in trainer.state.log_history if "episode" in h] == [16, 32]
+
+
+def test_explained_variance_matches_the_formula():
+    g = torch.Generator().manual_seed(0)
+    values, returns = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    mask = torch.rand(6, 9, generator=g) > 0.3
+    v, r = values[mask].double(), returns[mask].double()
+    expected = 1 - ((r - v) - (r - v).mean()).pow(2).mean() / (r - r.mean()).pow(2).mean()
+    assert math.isclose(explained_variance(values, returns, mask).item(), expected.item(), rel_tol=1e-5)
+    # returns equal up to rounding (what GAE gives for one score and no KL): Var[G] is 0, so undefined, not -1e14
+    ulp = torch.finfo(torch.float32).eps
+    rounded = 1.0 + ulp * torch.randint(-3, 4, (6, 9), generator=g).float()
+    assert math.isnan(explained_variance(values, rounded, mask).item())
+    assert math.isnan(explained_variance(values, torch.ones(6, 9), mask).item())
+
+
+def test_explained_var_is_logged_as_zero_for_constant_returns(tmp_path, tokenizer):
+    def constant(prompts, completions, **kwargs):
+        return [1.0] * len(prompts)
+
+    trainer = PPOTrainer(llama(tokenizer), constant, args=make_args(tmp_path, kl_coef=0.0), train_dataset=dataset(),
+                         processing_class=tokenizer)  # fmt: skip
+    rollout_of(trainer)
+    assert trainer._metrics["val/returns_mean"] == [1.0]
+    assert trainer._metrics["val/explained_var"] == [0.0]
+
+
+def documented_metrics() -> set[str]:
+    section = DOC.read_text(encoding="utf-8").split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    names = set()
+    for row in re.findall(r"^\| (.+?) \|", section, flags=re.MULTILINE):
+        names.update(re.findall(r"`([^`]+)`", row))
+    return names
+
+
+def test_metrics_table_lists_exactly_what_is_logged(tmp_path, tokenizer):
+    # kl_in_reward=False adds `loss/kl_avg`; evaluate() adds the eval metrics
+    args = make_args(tmp_path, kl_in_reward=False, kl_estimator="k3")
+    trainer = PPOTrainer(llama(tokenizer), length_reward, args=args, train_dataset=dataset(),
+                         eval_dataset=dataset(4), processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    trainer.evaluate()
+    trainer_own = {"loss", "grad_norm", "learning_rate", "epoch", "eval_runtime", "eval_samples_per_second",
+                   "eval_steps_per_second", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+                   "train_loss", "total_flos", "step"}  # fmt: skip
+    logged = {k for h in trainer.state.log_history for k in h} - trainer_own
+    logged = {re.sub(r"rewards/length_reward/", "rewards/<name>/", k) for k in logged}
+    assert logged == documented_metrics()

@@ -373,7 +373,7 @@ class PPOTrainer(Trainer):
             values,
             returns,
             advantages,
-            responses,
+            finished,
             gen_time,
             elapsed,
         )
@@ -472,7 +472,7 @@ class PPOTrainer(Trainer):
             }
         )
         for key, value in stats.items():
-            if key not in ("episodes",):
+            if key not in ("episodes", "episode"):  # `log` reports the latest `episode`, not a window mean
                 self._metrics[key].append(float(value))
         return stats
 
@@ -524,6 +524,7 @@ class PPOTrainer(Trainer):
                 }
             )
         if not torch.isfinite(loss):  # counted by the guard as `ppo/skipped_updates`
+            self.nonfinite_guard.count_nonfinite_loss()
             logger.warning("Non-finite PPO loss at step %d; the update will be skipped.", self.state.global_step)
         return (loss, out) if return_outputs else loss
 
@@ -542,7 +543,12 @@ class PPOTrainer(Trainer):
             )
             logs.update(zip(names, self.accelerator.reduce(local, reduction="mean").tolist()))
             self._metrics.clear()
+            nonfinite = torch.tensor(
+                float(self.nonfinite_guard.take_nonfinite_losses()), device=self.accelerator.device
+            )
+            logs["nonfinite/loss"] = int(self.accelerator.reduce(nonfinite, reduction="sum").item())
             logs["ppo/skipped_updates"] = self.nonfinite_guard.skipped
+            logs["episode"] = self._episodes
         super().log(logs, start_time)
         if self._samples is not None and self.accelerator.is_main_process and self.args.log_completions:
             print_prompt_completions_sample(
