@@ -82,10 +82,22 @@ class NonFiniteUpdateGuard(TrainerCallback):
     Runs after clipping and before `optimizer.step()`; setting every gradient to None makes torch optimizers skip
     the parameters entirely (no moment update either). In DDP the gradients are already all-reduced, so every
     process sees the same non-finite values and skips together.
+
+    It also counts the non-finite micro-batch losses the trainer reports (`count_nonfinite_loss`) between two logs:
+    the `Trainer`'s `logging_nan_inf_filter` replaces them in the logged `loss`, so they would go unseen.
     """
 
     def __init__(self):
         self.skipped = 0
+        self.nonfinite_losses = 0
+
+    def count_nonfinite_loss(self) -> None:
+        self.nonfinite_losses += 1
+
+    def take_nonfinite_losses(self) -> int:
+        """The count since the previous call (one logging window), reset to 0."""
+        count, self.nonfinite_losses = self.nonfinite_losses, 0
+        return count
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:

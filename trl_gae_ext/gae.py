@@ -567,6 +567,11 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """`1 - Var[G - V] / Var[G]` over valid tokens: 1 for a perfect critic, 0 for one that predicts the mean,
     negative for one worse than that; nan when `Var[G]` is 0 (undefined).
 
+    `Var[G]` counts as 0 when the spread of G is within rounding error: returns that are equal in exact arithmetic
+    (one score for every response and no KL gives `G_t = R` everywhere) come out of GAE a few ulps apart, and
+    dividing by that variance would give values like -3e14. GAE builds G in up to T steps from quantities the size
+    of G and V, so a standard deviation below `T * eps * max|G, V|` (eps of the compute dtype) is taken as 0.
+
     Args:
         values: Shape: `[B, T]`, critic predictions V.
         returns: Shape: `[B, T]`, targets G.
@@ -580,5 +585,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     returns = returns.detach().to(dtype)
     var_returns = masked_var(returns, mask, unbiased=False)
     var_residual = masked_var(returns - values, mask, unbiased=False)
+    scale = torch.where(mask != 0, torch.maximum(returns.abs(), values.abs()), 0.0).amax()
+    rounding = returns.shape[-1] * torch.finfo(dtype).eps * scale
     nan = torch.full((), float("nan"), dtype=dtype, device=values.device)
-    return torch.where(var_returns > 0, 1.0 - var_residual / var_returns, nan)
+    return torch.where(var_returns > rounding**2, 1.0 - var_residual / var_returns, nan)

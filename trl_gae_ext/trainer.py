@@ -18,7 +18,6 @@ import math
 import os
 import time
 from collections import defaultdict
-from typing import Any
 
 import safetensors.torch
 import torch
@@ -36,10 +35,11 @@ from transformers import (
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 from trl.data_utils import is_conversational, maybe_apply_chat_template
-from trl.trainer.utils import disable_dropout_in_model, identity, pad, print_prompt_completions_sample
+from trl.trainer.utils import identity, pad, print_prompt_completions_sample
 
 from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard
 from .config import PPOConfig
+from .dropout import disable_dropout
 from .gae import (
     adaptive_lambda,
     compute_decoupled_gae,
@@ -51,6 +51,7 @@ from .gae import (
     policy_loss,
     value_loss,
 )
+from .generation import build_generation_config, generating_with
 from .modeling import PolicyValueModel, build_critic, freeze_all_but_last_layers, is_peft_model
 from .qlora import attach_adapters, is_quantized, load_policy, model_init_kwargs
 from .rollout import Rollout, RolloutSampler, minibatch_plan, truncate_at_stop
@@ -173,7 +174,7 @@ class PPOTrainer(Trainer):
             policy = attach_adapters(policy, peft_config, with_critic=layout == "adapter")
         for m in (policy, critic, ref_model):
             if m is not None:
-                disable_dropout_in_model(m)  # the first PPO epoch must see ratio == 1
+                disable_dropout(m)  # the first PPO epoch must see ratio == 1
         wrapper = PolicyValueModel(policy, head, layout, critic)
 
         super().__init__(
@@ -242,23 +243,7 @@ class PPOTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def _generation_config(self, tokenizer, sampling: bool) -> GenerationConfig:
-        args = self.args
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=args.response_length,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=self.stop_token_id,
-            do_sample=sampling,
-        )
-        if sampling:
-            kwargs.update(
-                temperature=args.temperature,
-                top_k=args.top_k or 0,
-                top_p=args.top_p,
-                min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty,
-            )
-        kwargs.update(args.generation_kwargs or {})
-        return GenerationConfig(**kwargs)
+        return build_generation_config(self.args, tokenizer, self.stop_token_id, sampling)
 
     def _tokenize_prompts(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
         conversational = is_conversational({"prompt": prompts[0]})
@@ -281,13 +266,8 @@ class PPOTrainer(Trainer):
         """Sampled responses `[B, R]` (right-padded), generated in chunks with the KV cache."""
         chunk = self.args.local_rollout_forward_batch_size
         responses = []
-        # With no stop token every response runs to `response_length`. `generate` fills an unset eos_token_id from the
-        # model's own generation config, so that one is cleared for the call (and restored after it).
-        own_config = model.policy.generation_config
-        saved_eos = own_config.eos_token_id
-        if config.eos_token_id is None:
-            own_config.eos_token_id = None
-        try:
+        # only `config` applies: nothing is filled in from the checkpoint's own generation config (`generation.py`)
+        with generating_with(model.policy, config):
             for i in range(0, prompt_ids.shape[0], chunk):
                 seq = model.policy.generate(
                     input_ids=prompt_ids[i : i + chunk],
@@ -295,8 +275,6 @@ class PPOTrainer(Trainer):
                     generation_config=config,
                 )
                 responses.extend(seq[:, prompt_ids.shape[1] :])
-        finally:
-            own_config.eos_token_id = saved_eos
         return pad(responses, padding_value=self.processing_class.pad_token_id, padding_side="right")
 
     # -- one PPO iteration: experience -----------------------------------------------------------------------------
@@ -395,7 +373,7 @@ class PPOTrainer(Trainer):
             values,
             returns,
             advantages,
-            responses,
+            finished,
             gen_time,
             elapsed,
         )
@@ -494,7 +472,7 @@ class PPOTrainer(Trainer):
             }
         )
         for key, value in stats.items():
-            if key not in ("episodes",):
+            if key not in ("episodes", "episode"):  # `log` reports the latest `episode`, not a window mean
                 self._metrics[key].append(float(value))
         return stats
 
@@ -546,6 +524,7 @@ class PPOTrainer(Trainer):
                 }
             )
         if not torch.isfinite(loss):  # counted by the guard as `ppo/skipped_updates`
+            self.nonfinite_guard.count_nonfinite_loss()
             logger.warning("Non-finite PPO loss at step %d; the update will be skipped.", self.state.global_step)
         return (loss, out) if return_outputs else loss
 
@@ -564,7 +543,12 @@ class PPOTrainer(Trainer):
             )
             logs.update(zip(names, self.accelerator.reduce(local, reduction="mean").tolist()))
             self._metrics.clear()
+            nonfinite = torch.tensor(
+                float(self.nonfinite_guard.take_nonfinite_losses()), device=self.accelerator.device
+            )
+            logs["nonfinite/loss"] = int(self.accelerator.reduce(nonfinite, reduction="sum").item())
             logs["ppo/skipped_updates"] = self.nonfinite_guard.skipped
+            logs["episode"] = self._episodes
         super().log(logs, start_time)
         if self._samples is not None and self.accelerator.is_main_process and self.args.log_completions:
             print_prompt_completions_sample(
