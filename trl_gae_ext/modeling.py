@@ -68,12 +68,60 @@ def adapter_active(model, name: str | None):
     """Switch the active PEFT adapter (None disables all) without changing which parameters train: PEFT's
     `set_adapter` marks only the active adapter trainable, but both adapters learn in the same optimizer step."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    with use_adapter(model, name):
+    try:
+        with use_adapter(model, name):
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            yield
+    finally:  # also when an exception leaves the block: checkpoint's early stop ends a recompute with one
         for p, flag in flags:
             p.requires_grad_(flag)
-        yield
-    for p, flag in flags:
-        p.requires_grad_(flag)
+
+
+class _RecomputeWithAdapter:
+    """Recompute context of one checkpointed layer: re-activates the PEFT adapter that was active when the layer ran
+    forward, entered only if another one is active now. Reusable, since a second backward recomputes again."""
+
+    def __init__(self, model, adapter: str, inner=None):
+        self.model, self.adapter, self.inner = model, adapter, inner
+        self._stack: list[contextlib.ExitStack] = []
+
+    def __enter__(self):
+        stack = contextlib.ExitStack()
+        if self.inner is not None:
+            stack.enter_context(self.inner)
+        if self.model.active_adapter != self.adapter:
+            stack.enter_context(adapter_active(self.model, self.adapter))
+        self._stack.append(stack)
+
+    def __exit__(self, *exc):
+        return self._stack.pop().__exit__(*exc)
+
+
+def adapter_checkpoint_kwargs(policy, kwargs: dict | None) -> dict:
+    """`torch.utils.checkpoint` kwargs for a PEFT policy whose adapters switch between forwards (`adapter` layout).
+
+    Backward recomputes a checkpointed layer after the forward's `adapter_active` has exited, so the critic's layers
+    would be recomputed with the policy adapter and the critic LoRA would learn from the wrong activations. The
+    non-reentrant checkpoint calls `context_fn` at forward time: its recompute context re-activates the adapter of
+    that forward. A user's own `context_fn` is kept, its recompute context entered first.
+    """
+    kwargs = dict(kwargs or {})
+    if kwargs.get("use_reentrant", False):
+        raise ValueError(
+            "value_head='adapter' with gradient checkpointing needs non-reentrant checkpointing (reentrant "
+            "checkpointing cannot recompute the critic's layers with the critic adapter active): drop "
+            "`use_reentrant=True` from `gradient_checkpointing_kwargs`, or use value_head='shared' or 'separate'."
+        )
+    user_context_fn = kwargs.get("context_fn")
+
+    def context_fn():
+        forward_ctx, recompute_ctx = user_context_fn() if user_context_fn is not None else (None, None)
+        recompute = _RecomputeWithAdapter(policy, policy.active_adapter, inner=recompute_ctx)
+        return forward_ctx if forward_ctx is not None else contextlib.nullcontext(), recompute
+
+    kwargs.update(use_reentrant=False, context_fn=context_fn)
+    return kwargs
 
 
 def freeze_all_but_last_layers(model: PreTrainedModel, num_layers: int) -> None:
@@ -193,6 +241,8 @@ class PolicyValueModel(nn.Module):
         self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
     ):
         kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
+        if self.layout == "adapter":
+            kwargs = adapter_checkpoint_kwargs(self.policy, kwargs)
         for model in (self.policy, self.critic):
             if model is None:
                 continue

@@ -50,11 +50,9 @@ def load_policy(model, args, quantization_config=None) -> PreTrainedModel:
     if is_quantized(model) and not getattr(model, "_hf_peft_config_loaded", False):
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False},
-        )
+        # checkpointing is left to `PolicyValueModel.activation_checkpointing_enable`, which the Trainer calls: it
+        # sets the checkpoint kwargs the critic layout needs
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 

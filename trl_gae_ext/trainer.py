@@ -51,7 +51,13 @@ from .gae import (
     policy_loss,
     value_loss,
 )
-from .modeling import PolicyValueModel, build_critic, freeze_all_but_last_layers, is_peft_model
+from .modeling import (
+    PolicyValueModel,
+    adapter_checkpoint_kwargs,
+    build_critic,
+    freeze_all_but_last_layers,
+    is_peft_model,
+)
 from .qlora import attach_adapters, is_quantized, load_policy, model_init_kwargs
 from .rollout import Rollout, RolloutSampler, minibatch_plan, truncate_at_stop
 from .scoring import RewardScorer, check_reward_columns, load_reward_funcs
@@ -157,6 +163,8 @@ class PPOTrainer(Trainer):
             value_model = AutoModelForSequenceClassification.from_pretrained(
                 value_model, num_labels=1, **model_init_kwargs(args)
             )
+        if layout == "adapter" and args.gradient_checkpointing:
+            adapter_checkpoint_kwargs(policy, args.gradient_checkpointing_kwargs)  # refuses reentrant checkpointing
         needs_ref_copy = not (peft_config is not None or is_peft_model(policy)) and (
             args.kl_coef > 0 or any(isinstance(cb, AdaptiveKLCallback) for cb in callbacks or [])
         )
