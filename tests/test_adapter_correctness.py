@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import make_prompts
 from datasets import Dataset
-from peft import LoraConfig
-from transformers import BitsAndBytesConfig
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from trl_gae_ext import PPOConfig, PPOTrainer
 from trl_gae_ext.tiny import build_tiny_model
@@ -38,6 +38,17 @@ def make_args(tmp_path, **overrides):
 
 def tiny(tokenizer, seed=0):
     return build_tiny_model(tokenizer, hidden_size=32, num_attention_heads=2, seed=seed)
+
+
+def sft_adapter(model, seed=1):
+    """A PeftModel whose adapter is already trained (non-zero B matrices), as after SFT."""
+    peft_model = get_peft_model(model, lora())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return peft_model
 
 
 def make_trainer(tmp_path, model, tokenizer, layout="auto", peft_config=None, quantized=False, **overrides):
@@ -164,3 +175,93 @@ def test_reentrant_checkpointing_is_refused_for_the_adapter_layout(tmp_path, tok
             tmp_path, tiny(tokenizer), tokenizer, "adapter", peft_config=lora(),
             gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
         )  # fmt: skip
+
+
+# -- 2. the reference is the initial policy: KL 0 at the first rollout ----------------------------------------------
+
+
+def _plain(tokenizer, tiny_model_dir):
+    return tiny(tokenizer), {}
+
+
+def _sft(tokenizer, tiny_model_dir):
+    return sft_adapter(tiny(tokenizer)), {}
+
+
+def _sft_4bit(tokenizer, tiny_model_dir):
+    return sft_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=four_bit())), {}
+
+
+def _sft_with_value_model(tokenizer, tiny_model_dir):
+    return sft_adapter(tiny(tokenizer)), {"value_model": tiny(tokenizer, seed=3)}
+
+
+def _fresh(**lora_kwargs):
+    def build(tokenizer, tiny_model_dir):
+        return tiny(tokenizer), {"peft_config": lora(**lora_kwargs)}
+
+    return build
+
+
+# (policy, layout, whether the initial policy is the model handed over): an adapter that is not the identity at the
+# start (a trained adapter, a random or PiSSA init) makes the base with adapters disabled another policy than the
+# initial one. A random init is a new policy; PiSSA moves the top singular directions of each weight into the adapter.
+REFERENCE_CASES = {
+    "plain-shared": (_plain, "shared", True),
+    "plain-separate": (_plain, "separate", True),
+    "sft-adapter": (_sft, "adapter", True),
+    "sft-shared": (_sft, "shared", True),
+    "sft-separate-value-model": (_sft_with_value_model, "separate", True),
+    "sft-4bit-adapter": (_sft_4bit, "adapter", True),
+    "sft-4bit-shared": (_sft_4bit, "shared", True),
+    "random-init-adapter": (_fresh(init_lora_weights=False), "adapter", False),
+    "pissa-adapter": (_fresh(init_lora_weights="pissa"), "adapter", True),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_CASES))
+def test_the_reference_is_the_initial_policy(name, tmp_path, tokenizer, tiny_model_dir):
+    build, layout, starts_as_given = REFERENCE_CASES[name]
+    model, kwargs = build(tokenizer, tiny_model_dir)
+    value_model = kwargs.pop("value_model", None)
+    ids, mask, r = fixed_batch(tokenizer)
+    with torch.no_grad():  # the policy as handed over (PEFT's PiSSA init happens inside the trainer, exactly)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -r - 1 : -1]
+    initial = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, -r:, None])[..., 0]
+    trainer = PPOTrainer(
+        model, length_reward, args=make_args(tmp_path, value_head=layout),
+        train_dataset=Dataset.from_dict({"prompt": make_prompts(8)}), processing_class=tokenizer,
+        value_model=value_model, **kwargs,
+    )  # fmt: skip
+    wrapper = trainer.model.eval()
+    policy, _, ref = trainer._score_tokens(wrapper, ids, mask, r)
+    atol = 1e-4 if "pissa" in name else 1e-5  # PiSSA splits each weight by an SVD: base + adapter = W up to rounding
+    if starts_as_given:  # adding the critic and reference adapters left the policy as it was
+        torch.testing.assert_close(policy, initial, rtol=0, atol=atol)
+    torch.testing.assert_close(ref, policy, rtol=0, atol=1e-6)
+    trainer._make_experience([{"prompt": p} for p in make_prompts(4)])
+    assert abs(trainer._metrics["objective/kl"][-1]) < 1e-5
+
+
+def test_the_reference_adapter_is_frozen_unsaved_and_kept_through_training(tmp_path, tokenizer):
+    trainer = PPOTrainer(
+        sft_adapter(tiny(tokenizer)), length_reward, args=make_args(tmp_path, learning_rate=3e-2),
+        train_dataset=Dataset.from_dict({"prompt": make_prompts(8)}), processing_class=tokenizer,
+    )  # fmt: skip
+    wrapper = trainer.model
+    ids, mask, r = fixed_batch(tokenizer)
+    with torch.no_grad():
+        initial = wrapper.eval()(ids, mask, r, compute_values=False)["logprobs"]
+    ref_params = [n for n, _ in wrapper.named_parameters() if ".ref." in n]
+    assert ref_params and not any(p.requires_grad for n, p in wrapper.named_parameters() if ".ref." in n)
+    assert not any(".ref." in n for n in wrapper.trainable_state_dict())  # neither trained, checkpointed nor critic
+    trainer.train()
+    with torch.no_grad():
+        policy = wrapper.eval()(ids, mask, r, compute_values=False)["logprobs"]
+        ref = wrapper.reference_logprobs(ids, mask, r)
+    assert (policy - initial).abs().max() > 1e-3  # the policy moved
+    torch.testing.assert_close(ref, initial, rtol=0, atol=1e-6)  # the reference did not
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    assert not (out / "ref").exists() and (out / "critic" / "adapter_model.safetensors").exists()

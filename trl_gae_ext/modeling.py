@@ -3,9 +3,12 @@
 Critic layouts (`PPOConfig.value_head`):
 - `shared`: the value head reads the policy's last hidden state; one forward gives logits and values.
 - `adapter`: the policy is a `PeftModel`; a second LoRA adapter named `critic` on the same base gives the critic's
-  hidden states. The reference policy is the same base with adapters disabled, so one copy of the base weights
-  serves all three roles (the point of the 4-bit QLoRA setup).
+  hidden states, so one copy of the base weights serves policy, critic and reference (the point of the 4-bit QLoRA
+  setup).
 - `separate`: the critic is its own backbone (a `value_model`, or a copy of the policy's initial weights).
+
+The reference policy of a PEFT policy is a frozen adapter named `ref`, a copy of the policy adapter as training
+starts (`qlora.attach_adapters`); any other policy gets a frozen copy of the model (`ref_model`).
 
 `PolicyValueModel.forward` computes whatever the PPO step needs in one call, so DDP sees a single forward.
 """
@@ -27,6 +30,7 @@ from .value_head import ValueHead
 
 
 CRITIC_ADAPTER = "critic"
+REF_ADAPTER = "ref"
 CRITIC_DIR = "critic"
 
 
@@ -215,13 +219,20 @@ class PolicyValueModel(nn.Module):
                 return backbone_of(self.policy)(**kwargs).last_hidden_state
         return backbone_of(self.policy)(**kwargs).last_hidden_state  # shared, values only
 
+    @property
+    def has_reference_adapter(self) -> bool:
+        return is_peft_model(self.policy) and REF_ADAPTER in self.policy.peft_config
+
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, num_response_tokens, temperature=1.0, ref_model=None):
-        """Log-probs under the reference policy: `ref_model` if given, else the PEFT base with adapters disabled."""
+        """Log-probs under the reference policy: `ref_model` if given, else the PEFT policy's frozen `ref` adapter."""
         if ref_model is None:
-            if not is_peft_model(self.policy):
-                raise ValueError("A reference model is needed when the policy is not a PEFT model.")
-            with adapter_active(self.policy, None):
+            if not self.has_reference_adapter:
+                raise ValueError(
+                    "No reference policy: pass `ref_model`, or give a PEFT policy its `ref` adapter "
+                    "(`qlora.attach_adapters(..., with_reference=True)`)."
+                )
+            with adapter_active(self.policy, REF_ADAPTER):
                 return self.forward(input_ids, attention_mask, num_response_tokens, temperature, compute_values=False)[
                     "logprobs"
                 ]
@@ -275,8 +286,13 @@ class PolicyValueModel(nn.Module):
         critic under `output_dir/critic/` (its adapter or backbone, plus the value head)."""
         os.makedirs(output_dir, exist_ok=True)
         critic_dir = os.path.join(output_dir, CRITIC_DIR)
-        # a PeftModel writes the default adapter at the top and the `critic` adapter in `critic/`
-        self.policy.save_pretrained(output_dir)
+        # a PeftModel writes the default adapter at the top and the `critic` adapter in `critic/`; the frozen `ref`
+        # adapter is the initial policy, not part of the result
+        if is_peft_model(self.policy):
+            adapters = [name for name in self.policy.peft_config if name != REF_ADAPTER]
+            self.policy.save_pretrained(output_dir, selected_adapters=adapters)
+        else:
+            self.policy.save_pretrained(output_dir)
         os.makedirs(critic_dir, exist_ok=True)
         if self.critic is not None:
             self.critic.save_pretrained(critic_dir)
