@@ -265,3 +265,26 @@ def test_the_reference_adapter_is_frozen_unsaved_and_kept_through_training(tmp_p
     out = tmp_path / "saved"
     trainer.save_model(str(out))
     assert not (out / "ref").exists() and (out / "critic" / "adapter_model.safetensors").exists()
+
+
+# -- 3. critic warm-up: the policy does not move, the critic does ----------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["shared", "separate", "adapter"])
+def test_critic_warmup_leaves_the_policy_unchanged(layout, tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path, tiny(tokenizer), tokenizer, layout, peft_config=lora() if layout == "adapter" else None,
+        critic_warmup_steps=1, total_episodes=8, num_mini_batches=2, num_ppo_epochs=2, weight_decay=0.1,
+    )  # fmt: skip
+    wrapper = trainer.model
+    ids, mask, r = fixed_batch(tokenizer)
+    with torch.no_grad():
+        before = wrapper.eval()(ids, mask, r)
+    head = {n: p.detach().clone() for n, p in wrapper.value_head.named_parameters()}
+    trainer.train()  # one PPO iteration, all of it critic warm-up
+    assert trainer.state.global_step == trainer.args.steps_per_rollout == 4
+    with torch.no_grad():
+        after = wrapper.eval()(ids, mask, r)
+    assert torch.equal(after["logprobs"], before["logprobs"])
+    assert (after["values"] - before["values"]).abs().max() > 1e-3
+    assert any(not torch.equal(p, head[n]) for n, p in wrapper.value_head.named_parameters())

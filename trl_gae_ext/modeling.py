@@ -173,8 +173,12 @@ class PolicyValueModel(nn.Module):
         compute_entropy: bool = False,
         entropy_grad: bool = False,
         values_past_end: bool = False,
+        train_policy: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Log-probs, entropies and values of the last `num_response_tokens` tokens.
+
+        `train_policy=False` (critic warm-up) lets no gradient reach the policy: in the `shared` layout the backbone
+        then runs without gradients and only the value head learns.
 
         Shape:
             input_ids, attention_mask: `[B, P + R]`, prompt left-padded, response right-padded.
@@ -204,7 +208,12 @@ class PolicyValueModel(nn.Module):
                 hidden = result.hidden_states[-1]
         if compute_values:
             if hidden is None:
-                hidden = self._critic_hidden(input_ids, attention_mask, position_ids)
+                # the shared backbone is the policy: values that must not train it read it without gradients
+                frozen = self.layout == "shared" and not train_policy
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                    hidden = self._critic_hidden(input_ids, attention_mask, position_ids)
+            elif not train_policy:
+                hidden = hidden.detach()
             keep = r + 1 if values_past_end else r
             start = hidden.shape[1] - r - 1
             out["values"] = self.value_head(hidden[:, start : start + keep])

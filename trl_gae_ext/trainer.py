@@ -524,6 +524,7 @@ class PPOTrainer(Trainer):
             temperature=args.temperature,
             compute_policy=not warmup,
             compute_entropy=not warmup,
+            train_policy=not warmup,  # the shared layout's backbone is the policy
             entropy_grad=args.entropy_coef != 0,
         )
         vf = value_loss(out["values"], inputs["old_values"], inputs["returns"], mask, args.cliprange_value)
