@@ -52,7 +52,13 @@ from .gae import (
     value_loss,
 )
 from .generation import build_generation_config, generating_with
-from .modeling import PolicyValueModel, build_critic, freeze_all_but_last_layers, is_peft_model
+from .modeling import (
+    PolicyValueModel,
+    adapter_checkpoint_kwargs,
+    build_critic,
+    freeze_all_but_last_layers,
+    is_peft_model,
+)
 from .qlora import attach_adapters, is_quantized, load_policy, model_init_kwargs
 from .rollout import Rollout, RolloutSampler, minibatch_plan, truncate_at_stop
 from .scoring import RewardScorer, check_reward_columns, load_reward_funcs
@@ -158,11 +164,16 @@ class PPOTrainer(Trainer):
             value_model = AutoModelForSequenceClassification.from_pretrained(
                 value_model, num_labels=1, **model_init_kwargs(args)
             )
-        needs_ref_copy = not (peft_config is not None or is_peft_model(policy)) and (
-            args.kl_coef > 0 or any(isinstance(cb, AdaptiveKLCallback) for cb in callbacks or [])
-        )
+        if layout == "adapter" and args.gradient_checkpointing:
+            adapter_checkpoint_kwargs(policy, args.gradient_checkpointing_kwargs)  # refuses reentrant checkpointing
+        uses_peft = peft_config is not None or is_peft_model(policy)
+        needs_ref = args.kl_coef > 0 or any(isinstance(cb, AdaptiveKLCallback) for cb in callbacks or [])
+        # the reference is the initial policy: a frozen `ref` adapter for PEFT, a frozen copy of the model otherwise
+        needs_ref_copy = needs_ref and not uses_peft
         if needs_ref_copy and is_quantized(policy):
-            raise ValueError("A quantized policy needs a `peft_config`: the reference is its base, adapters off.")
+            raise ValueError(
+                "A quantized policy needs a `peft_config`: its reference is a frozen copy of the adapter."
+            )
         # copies of the initial policy (reference, separate critic) are taken before PEFT or freezing touch it
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if needs_ref_copy else None
         critic, head = build_critic(policy, value_model, layout, args)
@@ -170,8 +181,8 @@ class PPOTrainer(Trainer):
             if peft_config is not None or is_quantized(policy):
                 raise ValueError("`trainable_layers` is for full-precision training; drop it or the peft_config.")
             freeze_all_but_last_layers(policy, args.trainable_layers)
-        if peft_config is not None or is_peft_model(policy):
-            policy = attach_adapters(policy, peft_config, with_critic=layout == "adapter")
+        if uses_peft:
+            policy = attach_adapters(policy, peft_config, with_critic=layout == "adapter", with_reference=needs_ref)
         for m in (policy, critic, ref_model):
             if m is not None:
                 disable_dropout(m)  # the first PPO epoch must see ratio == 1
@@ -388,7 +399,7 @@ class PPOTrainer(Trainer):
     def _score_tokens(self, wrapper: PolicyValueModel, input_ids, attention_mask, r: int):
         """Old log-probs `[B, R]`, values `[B, R + 1]` and reference log-probs `[B, R]` (None when unused)."""
         args = self.args
-        need_ref = args.kl_coef > 0 and (self.ref_model is not None or is_peft_model(wrapper.policy))
+        need_ref = args.kl_coef > 0 and (self.ref_model is not None or wrapper.has_reference_adapter)
         chunk = args.local_rollout_forward_batch_size
         logprobs, values, ref = [], [], []
         for i in range(0, input_ids.shape[0], chunk):
@@ -491,6 +502,7 @@ class PPOTrainer(Trainer):
             temperature=args.temperature,
             compute_policy=not warmup,
             compute_entropy=not warmup,
+            train_policy=not warmup,  # the shared layout's backbone is the policy
             entropy_grad=args.entropy_coef != 0,
         )
         vf = value_loss(out["values"], inputs["old_values"], inputs["returns"], mask, args.cliprange_value)
