@@ -142,7 +142,10 @@ class PPOConfig(TrainingArguments):
     entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus in the policy loss."})
     loss_aggregation: str = field(
         default="token_mean",
-        metadata={"help": "'token_mean' (mean over all valid tokens) or 'seq_mean' (per sequence, then mean)."},
+        metadata={
+            "help": "'token_mean' (mean over all valid tokens of the minibatch) or 'seq_mean' (per sequence, then "
+            "mean over the minibatch's sequences); the same whatever gradient_accumulation_steps splits it into."
+        },
     )
     advantage_level: str = field(
         default="token",
