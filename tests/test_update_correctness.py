@@ -1,4 +1,7 @@
-"""The PPO update does not depend on bookkeeping: how a minibatch is split into micro-batches (gradient accumulation)."""
+"""The PPO update does not depend on bookkeeping: how a minibatch is split into micro-batches (gradient accumulation),
+or where a run was checkpointed and resumed."""
+
+import os
 
 import pytest
 import torch
@@ -111,3 +114,47 @@ def test_one_update_does_not_depend_on_gradient_accumulation(tmp_path, tokenizer
     for key in ("loss/value_avg", "loss/policy_avg", "policy/entropy_avg", "loss", "loss/kl_avg"):
         if key in logged[0]:
             assert [h[key] for h in logged] == pytest.approx([logged[0][key]] * 3, rel=1e-5, abs=1e-6), key
+
+
+# -- the trainer: checkpoints land between rollouts ----------------------------------------------------------------
+def test_a_config_with_three_ppo_epochs_constructs(tmp_path):
+    args = PPOConfig(output_dir=str(tmp_path), num_ppo_epochs=3)  # default save_steps=500 is not a multiple of 3
+    assert args.steps_per_rollout == 3 and args.save_steps == 500
+
+
+def _checkpoints(directory) -> list[int]:
+    return sorted(int(name.split("-")[1]) for name in os.listdir(directory) if name.startswith("checkpoint-"))
+
+
+# steps_per_rollout = 2 epochs x 2 minibatches = 4; 24 prompts at 8 per rollout
+SAVES = [
+    # save_steps=0.5 of 12 steps is step 6, mid-rollout: saved at 8; the last step, 12, is saved as always
+    pytest.param({"save_steps": 0.5, "total_episodes": 24}, [8, 12], 8, id="ratio"),
+    # max_steps=10 rounds up to 12 (3 rollouts); saves due at 3, 6, 9, 12 land at 4, 8, 12; evaluations too
+    pytest.param(
+        {"save_steps": 3, "total_episodes": None, "max_steps": 10, "eval_strategy": "steps", "eval_steps": 3},
+        [4, 8, 12],
+        4,
+        id="non-multiple",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("overrides, expected, resume_at", SAVES)
+def test_checkpoints_land_between_rollouts_and_resume_exactly(tmp_path, tokenizer, overrides, expected, resume_at):
+    def run(output, resume=None):
+        args = make_args(tmp_path, output_dir=str(tmp_path / output), save_strategy="steps", **overrides)
+        eval_dataset = Dataset.from_dict({"prompt": make_prompts(4)}) if "eval_steps" in overrides else None
+        trainer = make_trainer(tokenizer, args, n=24, eval_dataset=eval_dataset)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run("straight")
+    assert straight.args.steps_per_rollout == 4 and straight.state.global_step == 12
+    assert _checkpoints(tmp_path / "straight") == expected
+    evaluated = [h["step"] for h in straight.state.log_history if "eval_reward" in h]
+    assert all(step % 4 == 0 for step in evaluated)
+    resumed = run("resumed", resume=str(tmp_path / "straight" / f"checkpoint-{resume_at}"))
+    a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)

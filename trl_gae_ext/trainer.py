@@ -38,7 +38,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.trainer.utils import disable_dropout_in_model, identity, pad, print_prompt_completions_sample
 
-from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard
+from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard, RolloutBoundaryCallback
 from .config import PPOConfig
 from .gae import (
     adaptive_lambda,
@@ -211,6 +211,18 @@ class PPOTrainer(Trainer):
         if args.total_episodes is not None:
             iterations = math.ceil(args.total_episodes / self.global_rollout_batch_size)
             args.max_steps = iterations * args.steps_per_rollout
+        elif args.max_steps > 0 and args.max_steps % args.steps_per_rollout:
+            # a run that stops mid-iteration would end on a checkpoint that cannot be resumed exactly
+            rounded = math.ceil(args.max_steps / args.steps_per_rollout) * args.steps_per_rollout
+            logger.warning(
+                "max_steps=%d is rounded up to %d, a whole number of PPO iterations (%d optimizer steps each).",
+                args.max_steps,
+                rounded,
+                args.steps_per_rollout,
+            )
+            args.max_steps = rounded
+        # checkpoints and evaluations wait for the end of their PPO iteration (after DefaultFlowCallback asks for them)
+        self.add_callback(RolloutBoundaryCallback())
         self._micro_steps_per_rollout = args.steps_per_rollout * args.gradient_accumulation_steps
         self._micro_step = 0
         self._rollout: Rollout | None = None
