@@ -404,11 +404,6 @@ def test_without_a_stop_token_responses_run_past_eos_to_the_full_length(tmp_path
     assert trainer._rollout.response_mask.all()  # every sampled token is an action
 
 
-def test_save_steps_must_fall_between_rollouts(tmp_path):
-    with pytest.raises(ValueError, match="multiple of the optimizer steps per rollout"):
-        make_args(tmp_path, save_strategy="steps", save_steps=3)
-
-
 def test_async_rewards_and_a_reward_model_without_saved_tokenizer(tmp_path, tokenizer, caplog):
     async def async_one(prompts, completions, **kwargs):
         return [1.0] * len(prompts)

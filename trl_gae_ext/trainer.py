@@ -37,11 +37,12 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.trainer.utils import identity, pad, print_prompt_completions_sample
 
-from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard
+from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard, RolloutBoundaryCallback
 from .config import PPOConfig
 from .dropout import disable_dropout
 from .gae import (
     adaptive_lambda,
+    aggregate_loss,
     compute_decoupled_gae,
     compute_gae,
     explained_variance,
@@ -60,7 +61,7 @@ from .modeling import (
     is_peft_model,
 )
 from .qlora import attach_adapters, is_quantized, load_policy, model_init_kwargs
-from .rollout import Rollout, RolloutSampler, minibatch_plan, truncate_at_stop
+from .rollout import Rollout, RolloutSampler, minibatch_counts, minibatch_plan, truncate_at_stop
 from .scoring import RewardScorer, check_reward_columns, load_reward_funcs
 
 
@@ -112,6 +113,9 @@ class PPOTrainer(Trainer):
     """
 
     _tag_names = ["trl", "ppo", "gae", "trl-gae-ext"]
+    # `compute_loss` divides every micro-batch's loss by its whole minibatch's counts (see `training_step`), so the
+    # `Trainer` must not divide it again by the number of gradient accumulation steps
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -219,6 +223,18 @@ class PPOTrainer(Trainer):
         if args.total_episodes is not None:
             iterations = math.ceil(args.total_episodes / self.global_rollout_batch_size)
             args.max_steps = iterations * args.steps_per_rollout
+        elif args.max_steps > 0 and args.max_steps % args.steps_per_rollout:
+            # a run that stops mid-iteration would end on a checkpoint that cannot be resumed exactly
+            rounded = math.ceil(args.max_steps / args.steps_per_rollout) * args.steps_per_rollout
+            logger.warning(
+                "max_steps=%d is rounded up to %d, a whole number of PPO iterations (%d optimizer steps each).",
+                args.max_steps,
+                rounded,
+                args.steps_per_rollout,
+            )
+            args.max_steps = rounded
+        # checkpoints and evaluations wait for the end of their PPO iteration (after DefaultFlowCallback asks for them)
+        self.add_callback(RolloutBoundaryCallback())
         self._micro_steps_per_rollout = args.steps_per_rollout * args.gradient_accumulation_steps
         self._micro_step = 0
         self._rollout: Rollout | None = None
@@ -294,7 +310,15 @@ class PPOTrainer(Trainer):
         if k == 0 or self._rollout is None:
             self._rollout = self._make_experience(inputs)
             k = 0
+            # Each micro-batch's loss is normalised by its minibatch's token / sequence counts, so the accumulated
+            # gradient is the minibatch's mean however it is split. Averaged over processes: DDP averages gradients,
+            # so each process dividing by the mean count gives the token mean over every process's minibatch.
+            counts = minibatch_counts(self._rollout.response_mask, self._plan, self.args.gradient_accumulation_steps)
+            self._minibatch_counts = self.accelerator.reduce(counts, reduction="mean").tolist()
         batch = self._rollout.select(self._plan[k])
+        batch["minibatch_tokens"], batch["minibatch_seqs"] = self._minibatch_counts[
+            k // self.args.gradient_accumulation_steps
+        ]
         self._micro_step = (k + 1) % self._micro_steps_per_rollout
         return super().training_step(model, batch, num_items_in_batch)
 
@@ -495,6 +519,11 @@ class PPOTrainer(Trainer):
         args = self.args
         warmup = self._in_critic_warmup()
         mask = inputs["response_mask"].float()
+        # the minibatch's counts (`training_step`): this micro-batch's terms are its share of the minibatch's means;
+        # without them (a lone batch) they are the batch's own means
+        norm = {"num_tokens": inputs.get("minibatch_tokens"), "num_seqs": inputs.get("minibatch_seqs")}
+        # a share x the micro-batches per minibatch, averaged over the micro-steps, logs the minibatch means
+        to_mean = args.gradient_accumulation_steps if norm["num_tokens"] is not None else 1
         out = model(
             inputs["input_ids"],
             inputs["attention_mask"],
@@ -505,32 +534,33 @@ class PPOTrainer(Trainer):
             train_policy=not warmup,  # the shared layout's backbone is the policy
             entropy_grad=args.entropy_coef != 0,
         )
-        vf = value_loss(out["values"], inputs["old_values"], inputs["returns"], mask, args.cliprange_value)
+        vf = value_loss(out["values"], inputs["old_values"], inputs["returns"], mask, args.cliprange_value, **norm)
         loss = args.vf_coef * vf.loss
-        self._record({"loss/value_avg": vf.loss, "val/clipfrac_avg": vf.clipfrac})
+        self._record({"loss/value_avg": vf.loss * to_mean, "val/clipfrac_avg": vf.clipfrac})
         if not warmup:
             if args.advantage_level == "sequence":
                 pg = policy_loss(
                     out["logprobs"], inputs["old_logprobs"], inputs["seq_advantages"], mask, args.cliprange,
-                    args.dual_clip, ratio_level="sequence",
+                    args.dual_clip, ratio_level="sequence", **norm,
                 )  # fmt: skip
             else:
                 pg = policy_loss(
                     out["logprobs"], inputs["old_logprobs"], inputs["advantages"], mask, args.cliprange,
-                    args.dual_clip, ratio_level="token", loss_aggregation=args.loss_aggregation,
+                    args.dual_clip, ratio_level="token", loss_aggregation=args.loss_aggregation, **norm,
                 )  # fmt: skip
-            entropy = masked_mean(out["entropy"], mask)
+            entropy = aggregate_loss(out["entropy"], mask, num_tokens=norm["num_tokens"])
             loss = loss + pg.loss - args.entropy_coef * entropy
             if not args.kl_in_reward and "ref_logprobs" in inputs and args.kl_coef > 0:
-                kl = masked_mean(kl_penalty(out["logprobs"], inputs["ref_logprobs"], args.kl_estimator), mask)
+                kl_t = kl_penalty(out["logprobs"], inputs["ref_logprobs"], args.kl_estimator)
+                kl = aggregate_loss(kl_t, mask, num_tokens=norm["num_tokens"])
                 loss = loss + args.kl_coef * kl
-                self._record({"loss/kl_avg": kl})
+                self._record({"loss/kl_avg": kl * to_mean})
             self._record(
                 {
-                    "loss/policy_avg": pg.loss,
+                    "loss/policy_avg": pg.loss * to_mean,
                     "policy/approxkl_avg": pg.approx_kl,
                     "policy/clipfrac_avg": pg.clipfrac,
-                    "policy/entropy_avg": entropy,
+                    "policy/entropy_avg": entropy * to_mean,
                     "val/ratio": pg.ratio_mean,
                     "val/ratio_var": pg.ratio_var,
                 }
