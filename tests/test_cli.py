@@ -199,7 +199,7 @@ def test_ppo_on_a_local_model_and_jsonl_trains_two_iterations(tiny_model_dir, tm
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy was updated
-    assert (out / "critic" / "value_head.pt").is_file()
+    assert (out / "critic" / "value_head.safetensors").is_file()
 
 
 def test_console_script_runs_a_yaml_config(tiny_model_dir, tmp_path):

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 from transformers import PreTrainedModel
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax, use_adapter
 
@@ -276,54 +273,18 @@ class PolicyValueModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor that training changes: trainable parameters of policy and critic, and the value head."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {n: t.detach().contiguous() for n, t in self.state_dict().items() if n in names}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # checkpoints hold only `trainable_state_dict()`: frozen weights are not "missing"
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        trainable = set(self.trainable_state_dict())
-        missing = [k for k in result.missing_keys if k in trainable]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"Missing keys {missing}, unexpected keys {result.unexpected_keys}.")
-        return _IncompatibleKeys(missing, result.unexpected_keys)
-
     def save_pretrained(self, output_dir: str) -> None:
-        """Write the policy at `output_dir` (a PEFT adapter or a full model, loadable with `from_pretrained`) and the
-        critic under `output_dir/critic/` (its adapter or backbone, plus the value head)."""
-        os.makedirs(output_dir, exist_ok=True)
-        critic_dir = os.path.join(output_dir, CRITIC_DIR)
-        # a PeftModel writes the default adapter at the top and the `critic` adapter in `critic/`; the frozen `ref`
-        # adapter is the initial policy, not part of the result
-        if is_peft_model(self.policy):
-            adapters = [name for name in self.policy.peft_config if name != REF_ADAPTER]
-            self.policy.save_pretrained(output_dir, selected_adapters=adapters)
-        else:
-            self.policy.save_pretrained(output_dir)
-        os.makedirs(critic_dir, exist_ok=True)
-        if self.critic is not None:
-            self.critic.save_pretrained(critic_dir)
-        head_state = {k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()}
-        torch.save(head_state, os.path.join(critic_dir, "value_head.pt"))
-        with open(os.path.join(critic_dir, "critic_layout.json"), "w") as f:
-            json.dump({"layout": self.layout, "head": type(self.value_head).__name__}, f)
+        """Write the policy at `output_dir` (its PEFT adapter or the full model, loadable with `from_pretrained`) and
+        the critic under `output_dir/critic/`; see `saving` for the layout."""
+        from .saving import save_pretrained
+
+        save_pretrained(self, output_dir)
 
     def load_critic(self, input_dir: str) -> None:
         """Reload the critic written by `save_pretrained` (to continue training from a saved model)."""
-        critic_dir = os.path.join(input_dir, CRITIC_DIR)
-        state = torch.load(os.path.join(critic_dir, "value_head.pt"), map_location="cpu", weights_only=True)
-        self.value_head.load_state_dict(state)
-        if self.layout == "adapter":
-            from peft import set_peft_model_state_dict
-            from peft.utils import load_peft_weights
+        from .saving import load_critic
 
-            weights = load_peft_weights(os.path.join(input_dir, CRITIC_ADAPTER))
-            set_peft_model_state_dict(self.policy, weights, adapter_name=CRITIC_ADAPTER)
-        elif self.layout == "separate":
-            loaded = type(self.critic).from_pretrained(critic_dir)
-            self.critic.load_state_dict(loaded.state_dict())
+        load_critic(self, input_dir)
 
 
 def build_value_head(args, hidden_size: int) -> ValueHead:

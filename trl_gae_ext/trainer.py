@@ -19,7 +19,6 @@ import os
 import time
 from collections import defaultdict
 
-import safetensors.torch
 import torch
 from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
@@ -32,11 +31,13 @@ from transformers import (
     enable_full_determinism,
     set_seed,
 )
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
-from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.trainer_utils import HubStrategy
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.trainer.utils import identity, pad, print_prompt_completions_sample
 
+from . import saving
 from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard, RolloutBoundaryCallback
 from .config import PPOConfig
 from .dropout import disable_dropout
@@ -644,20 +645,51 @@ class PPOTrainer(Trainer):
         return metrics
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the policy at `output_dir` (a PEFT adapter or a full model) and the critic under `critic/`.
-
-        Checkpoints (`_internal_call`) hold only the trainable tensors in `model.safetensors`, which the `Trainer`
-        reloads on `resume_from_checkpoint`.
-        """
+        """Save the policy at `output_dir` (a PEFT adapter for `AutoPeftModelForCausalLM`, or a full model for
+        `AutoModelForCausalLM`), the critic under `critic/` (reloaded with `load_critic`) and a model card
+        (`README.md`). Checkpoints (`_internal_call`) hold the same folder. Pushes to the Hub when
+        `args.push_to_hub` and called by the user, as `Trainer.save_model` does."""
         output_dir = output_dir or self.args.output_dir
-        wrapper: PolicyValueModel = self.accelerator.unwrap_model(self.model)
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        if _internal_call:
-            state = {k: v.to("cpu", copy=True) for k, v in wrapper.trainable_state_dict().items()}
-            safetensors.torch.save_file(state, os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
-        else:
-            wrapper.save_pretrained(output_dir)
-        self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if self.args.should_save:
+            wrapper: PolicyValueModel = self.accelerator.unwrap_model(self.model)
+            saving.save_pretrained(wrapper, output_dir)
+            self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            saving.write_model_card(saving.trainer_model_card(self), wrapper.policy, output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def load_critic(self, input_dir: str) -> None:
+        """Load the critic that `save_model` wrote to `input_dir/critic/`, to continue training from a saved model.
+        The trainer must have the same critic layout and head (`value_head*` settings, or the same `value_model`
+        architecture); the policy comes from the `model` argument (the saved folder itself)."""
+        saving.load_critic(self.accelerator.unwrap_model(self.model), input_dir)
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """Write TRL's model card, with the PPO/GAE settings, to `args.output_dir/README.md` (called by
+        `push_to_hub`, which passes its extra keyword arguments here)."""
+        if self.is_world_process_zero():
+            card = saving.trainer_model_card(self, model_name, dataset_name, [tags] if isinstance(tags, str) else tags)
+            saving.write_model_card(card, self.accelerator.unwrap_model(self.model).policy, self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # the weights are in the ordinary layout `save_model` writes, not in a `PolicyValueModel` state dict
+        saving.load_checkpoint(model if model is not None else self.model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        logger.info("Loading the best model from %s.", self.state.best_model_checkpoint)
+        saving.load_checkpoint(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The `Trainer` copies the top-level weight files of the checkpoint to `output_dir` and uploads that folder;
+        # the critic and the model card are copied here, under the same conditions, so each push is complete.
+        args = self.args
+        in_progress = getattr(self, "push_in_progress", None)
+        skipped = not args.hub_always_push and in_progress is not None and not in_progress.is_done()
+        if self.is_world_process_zero() and args.hub_strategy != HubStrategy.END and not skipped:
+            saving.copy_critic_and_card(checkpoint_folder, args.output_dir)
+        super()._push_from_checkpoint(checkpoint_folder)
