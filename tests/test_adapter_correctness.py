@@ -3,12 +3,12 @@ PEFT policy, and the critic warm-up. Real tiny models, real PEFT and bitsandbyte
 
 import pytest
 import torch
-from conftest import make_prompts
+from conftest import make_prompts, offline_args
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from trl_gae_ext import PPOConfig, PPOTrainer
+from trl_gae_ext import PPOTrainer
 from trl_gae_ext.tiny import build_tiny_model
 
 
@@ -27,13 +27,10 @@ def four_bit():
 
 
 def make_args(tmp_path, **overrides):
-    args = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_mini_batches=1, num_ppo_epochs=1,
-        response_length=5, total_episodes=4, learning_rate=1e-2, kl_coef=0.1, kl_estimator="k3", temperature=1.0,
-        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    defaults = dict(
+        per_device_train_batch_size=4, num_mini_batches=1, num_ppo_epochs=1, response_length=5, total_episodes=4, learning_rate=1e-2, kl_coef=0.1, kl_estimator="k3", temperature=1.0,
     )  # fmt: skip
-    args.update(overrides)
-    return PPOConfig(**args)
+    return offline_args(tmp_path, **{**defaults, **overrides})
 
 
 def tiny(tokenizer, seed=0):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_prompts
+from conftest import make_prompts, offline_args
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import LogitsProcessorList, OPTConfig, OPTForCausalLM
@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from trl_gae_ext import PPOConfig, PPOTrainer
+from trl_gae_ext import PPOTrainer
 from trl_gae_ext.gae import explained_variance
 from trl_gae_ext.generation import generating_with
 from trl_gae_ext.tiny import build_tiny_model
@@ -32,24 +32,9 @@ def length_reward(prompts, completions, **kwargs):
 
 def make_args(tmp_path, **overrides):
     defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_mini_batches=2,
-        num_ppo_epochs=1,
-        response_length=6,
-        learning_rate=3e-3,
-        total_episodes=8,
-        kl_coef=0.05,
-        temperature=0.7,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    defaults.update(overrides)
-    return PPOConfig(**defaults)
+        per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=1, response_length=6, learning_rate=3e-3, total_episodes=8, kl_coef=0.05, temperature=0.7, logging_steps=1,
+    )  # fmt: skip
+    return offline_args(tmp_path, **{**defaults, **overrides})
 
 
 def dataset(n=16):

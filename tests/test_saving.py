@@ -10,7 +10,7 @@ import types
 import huggingface_hub
 import pytest
 import torch
-from conftest import make_prompts
+from conftest import make_prompts, offline_args
 from datasets import Dataset
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
@@ -18,7 +18,7 @@ from peft import AutoPeftModelForCausalLM, LoraConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from trl_gae_ext import PPOConfig, PPOTrainer, ValueHead
+from trl_gae_ext import PPOTrainer, ValueHead
 from trl_gae_ext.tiny import build_tiny_model
 
 
@@ -28,12 +28,9 @@ def length_reward(prompts, completions, **kwargs):
 
 def make_args(tmp_path, **overrides):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_mini_batches=1, num_ppo_epochs=1,
-        response_length=4, learning_rate=1e-2, total_episodes=4, temperature=1.0, report_to="none",
-        save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0,
+        per_device_train_batch_size=4, num_mini_batches=1, num_ppo_epochs=1, response_length=4, learning_rate=1e-2, total_episodes=4, temperature=1.0, logging_steps=1,
     )  # fmt: skip
-    defaults.update(overrides)
-    return PPOConfig(**defaults)
+    return offline_args(tmp_path, **{**defaults, **overrides})
 
 
 def lora(r=4):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_prompts
+from conftest import make_prompts, offline_args
 from datasets import Dataset
 
 from trl_gae_ext import PPOConfig, PPOTrainer
@@ -19,12 +19,9 @@ def length_reward(prompts, completions, **kwargs):
 
 def make_args(tmp_path, **overrides):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=2,
-        response_length=6, learning_rate=3e-3, total_episodes=16, kl_coef=0.05, temperature=0.7, report_to="none",
-        save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0,
+        per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=2, response_length=6, learning_rate=3e-3, total_episodes=16, kl_coef=0.05, temperature=0.7, logging_steps=1,
     )  # fmt: skip
-    defaults.update(overrides)
-    return PPOConfig(**defaults)
+    return offline_args(tmp_path, **{**defaults, **overrides})
 
 
 def make_trainer(tokenizer, args, n=16, **kwargs):
