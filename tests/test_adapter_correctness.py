@@ -1,6 +1,8 @@
 """Correctness of the PEFT/QLoRA paths: gradient checkpointing with adapter switching, the reference policy of a
 PEFT policy, and the critic warm-up. Real tiny models, real PEFT and bitsandbytes (NF4 on the CPU)."""
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import make_prompts, offline_args
@@ -68,12 +70,13 @@ def fixed_batch(tokenizer):
 
 # (layout, PEFT policy, 4-bit base): the critic reads the policy's hidden states, a second adapter on its base, or
 # its own backbone
+NEEDS_BNB = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 CHECKPOINT_CASES = [
     ("shared", False, False),
     ("shared", True, False),
     ("separate", False, False),
     ("adapter", True, False),
-    ("adapter", True, True),
+    pytest.param(("adapter", True, True), marks=NEEDS_BNB),
 ]
 
 
@@ -216,7 +219,7 @@ REFERENCE_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(REFERENCE_CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=NEEDS_BNB) if "4bit" in n else n for n in REFERENCE_CASES])
 def test_the_reference_is_the_initial_policy(name, tmp_path, tokenizer, tiny_model_dir):
     build, layout, starts_as_given = REFERENCE_CASES[name]
     model, kwargs = build(tokenizer, tiny_model_dir)

@@ -76,7 +76,11 @@ def _add_reference_adapter(model) -> None:
     different policy; this copy also works on a quantized base, where merging is impossible."""
     policy_adapter = model.active_adapter
     if REF_ADAPTER not in model.peft_config:
+        # Older PEFT (0.18) marks every adapter but the active one frozen in add_adapter: keep the caller's flags.
+        trainable = [(p, p.requires_grad) for p in model.parameters()]
         model.add_adapter(REF_ADAPTER, _extra_adapter_config(model.peft_config[policy_adapter]))
+        for param, flag in trainable:
+            param.requires_grad_(flag)
     params = dict(model.named_parameters())
     tag = f".{policy_adapter}."
     with torch.no_grad():
