@@ -72,7 +72,9 @@ def test_both_adapters_learn_and_the_base_never_changes(trained):
         assert torch.equal(base_before[ptr], module.weight.detach())
 
 
-def test_reference_is_the_base_with_adapters_off(trained, tiny_model_dir):
+def test_reference_is_still_the_initial_policy_after_training(trained, tiny_model_dir):
+    # the fresh LoRA starts as the identity, so the initial policy is the 4-bit base itself; the frozen `ref` adapter
+    # must still give exactly that after the policy adapter trained
     trainer, *_ = trained
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization())
     ids = torch.tensor([[11, 12, 13, 14, 15, 16]])
