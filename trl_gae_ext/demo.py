@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 from . import demo_task
-from .cli import CLIError
+from .errors import CLIError
 
 
 DEMO_VERSION = 1  # bump when a change to the demo makes cached warm starts stale
