@@ -185,7 +185,8 @@ class PPOArgumentParser(TrlParser):
     """`TrlParser` over `dataclass_types` (one of them `PPOConfig`) whose errors are one-line `CLIError`s and whose
     `--help` is short (`--help-all`: every option)."""
 
-    def __init__(self, dataclass_types, prog: str, description: str | None = None, **kwargs):
+    def __init__(self, dataclass_types, prog: str | None = None, description: str | None = None, **kwargs):
+        prog = prog or os.path.basename(sys.argv[0])
         super().__init__(
             dataclass_types,
             prog=prog,
@@ -197,7 +198,7 @@ class PPOArgumentParser(TrlParser):
         self.add_argument("--help-all", "--help_all", action=_FullHelpAction, help="list every option and exit")
         self.fields = _field_infos(self.dataclass_types)
         self.config_path: str | None = None
-        choices = ppo_choices()
+        choices = ppo_choices() if any(dtype.__name__ == "PPOConfig" for dtype in self.dataclass_types) else {}
         for action in self._actions:  # TrlParser itself walks `_actions` to apply YAML defaults
             if action.dest in choices and action.option_strings and not NO_FLAG.match(action.option_strings[0]):
                 action.choices = choices[action.dest]
@@ -292,10 +293,12 @@ class PPOArgumentParser(TrlParser):
         return super().format_help()
 
     def _sections(self) -> list[tuple[str, list]]:
+        from transformers import TrainingArguments
+
         from .config import PPOConfig
 
         actions = {a.dest: a for a in self._actions if a.option_strings and not NO_FLAG.match(a.option_strings[0])}
-        own = [f.name for f in dataclasses.fields(PPOConfig) if f.name not in _training_argument_names()]
+        training = _training_argument_names()
         sections, shown = [], set()
 
         def add(title, names):
@@ -304,13 +307,18 @@ class PPOArgumentParser(TrlParser):
             if group:
                 sections.append((title, group))
 
-        for title, names in PPO_OPTION_GROUPS.items():
+        if PPOConfig in self.dataclass_types:
+            for title, names in PPO_OPTION_GROUPS.items():
+                add(title, names)
+        # the trainer's config first (what is left of PPOConfig, or e.g. GRPOConfig), then the script's and model's
+        for dtype in sorted(self.dataclass_types, key=lambda d: not issubclass(d, TrainingArguments)):
+            names = [f.name for f in dataclasses.fields(dtype)]
+            if issubclass(dtype, TrainingArguments):  # PPOConfig's leftovers, or GRPOConfig's own options
+                names = [n for n in names if n not in training]
+                title = "PPO: other options" if dtype is PPOConfig else f"{dtype.__name__} options"
+            else:
+                title = SECTION_TITLES.get(dtype.__name__, f"script options ({dtype.__name__})")
             add(title, names)
-        add("PPO: other options", own)
-        for dtype in self.dataclass_types:
-            if dtype is not PPOConfig:
-                names = [f.name for f in dataclasses.fields(dtype)]
-                add(SECTION_TITLES.get(dtype.__name__, f"script options ({dtype.__name__})"), names)
         add("common training options (transformers' TrainingArguments)", COMMON_TRAINING_OPTIONS)
         return sections
 

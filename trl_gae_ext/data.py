@@ -88,3 +88,11 @@ def load_split(name: str, config: str | None = None, split: str = "train"):
     """One split of `load_any_dataset(name, config)`: what the example scripts train on. A single data file is the
     `train` split; a missing split is a `CLIError` listing the splits there are."""
     return pick_split(load_any_dataset(name, config), split, name)
+
+
+def require_columns(dataset, fixes: dict[str, str], what: str) -> None:
+    """A `CLIError` naming the first column of `fixes` (column -> how to fix it) that `dataset` lacks."""
+    columns = list(dataset.column_names)
+    for column, fix in fixes.items():
+        if column not in columns:
+            raise CLIError(f"{what} has no column {column!r} (columns: {', '.join(columns)})", fix)
