@@ -367,7 +367,22 @@ def test_debug_raises_the_exception_instead(tmp_path, tiny_model_dir, jsonl, mon
 
 def test_unknown_command(capsys):
     assert cli.main(["train"]) == 2
-    assert "unknown command 'train'" in capsys.readouterr().err
+    assert capsys.readouterr().err == "trl-gae: error: unknown command 'train'; fix: use one of ppo, demo, plan\n"
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run(
+        [sys.executable, "-m", "trl_gae_ext", "ppo", "--kl_estimator", "k4", "--model_name_or_path", "m"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,  # this checkout's package
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "trl-gae ppo: error: --kl_estimator: invalid choice: 'k4' (choose from 'k1', 'k2', 'k3'); fix: pass one of: "
+        "k1, k2, k3, e.g. --kl_estimator k1"
+    ]
 
 
 # -- docs ----------------------------------------------------------------------------------------------------------

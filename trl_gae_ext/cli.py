@@ -7,8 +7,10 @@
 
 `trl-gae ppo` parses three dataclasses, as `trl grpo` does: `PPOScriptArguments` (dataset, columns, rewards),
 `PPOConfig` (training) and TRL's `ModelConfig` (model id, dtype, 4-bit, LoRA). A YAML file given with `--config`
-sets their defaults; flags override it. Errors a user can fix (unknown reward, unreadable dataset, missing column)
-print one line and the fix, without a traceback; `--debug` shows the traceback.
+sets their defaults; flags override it (parsing, the short `--help` and `--help-all`: `cli_args.py`). Errors a user
+can fix (a YAML value of the wrong type, an unknown key or flag, an unknown reward, an unreadable dataset, a missing
+column) print one line naming the setting and the fix, without a traceback (`errors.py`); `--debug` shows the
+traceback. `python -m trl_gae_ext` is the same command.
 """
 
 from __future__ import annotations
@@ -328,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        build_parser().print_usage(sys.stderr)
         error = CLIError(f"unknown command {command!r}", f"use one of {', '.join(COMMANDS)}")
         print(format_error(PROG, error), file=sys.stderr)
         return 2
