@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import make_prompts, offline_args
 
-from trl_gae_ext.completions import completions_table
-
 
 def test_completions_table_has_one_row_per_sample_in_trls_columns():
+    from trl_gae_ext.completions import completions_table
+
     samples = {"prompt": ["p1", "p2"], "completion": ["a b", ""], "scores": [0.5, -1]}
     assert completions_table(samples, step=7) == {
         "step": [7, 7],

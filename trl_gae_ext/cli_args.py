@@ -7,7 +7,7 @@
 - gives the PPO choice fields (`value_head`, `kl_estimator`, ...) their valid values as argparse `choices`, so a wrong
   flag is refused with the list and the help shows it;
 - prints a short `--help`: the PPO options grouped as `PPOConfig` documents them, the script's and the model's
-  options, a few common `TrainingArguments`; `--help-all` prints argparse's full help (~900 lines).
+  options, a few common `TrainingArguments`; `--help-all` prints argparse's full help (~740 lines).
 """
 
 from __future__ import annotations
@@ -187,6 +187,8 @@ class PPOArgumentParser(TrlParser):
 
     def __init__(self, dataclass_types, prog: str | None = None, description: str | None = None, **kwargs):
         prog = prog or os.path.basename(sys.argv[0])
+        from .config import PPOConfig
+
         super().__init__(
             dataclass_types,
             prog=prog,
@@ -198,7 +200,7 @@ class PPOArgumentParser(TrlParser):
         self.add_argument("--help-all", "--help_all", action=_FullHelpAction, help="list every option and exit")
         self.fields = _field_infos(self.dataclass_types)
         self.config_path: str | None = None
-        choices = ppo_choices() if any(dtype.__name__ == "PPOConfig" for dtype in self.dataclass_types) else {}
+        choices = ppo_choices() if any(issubclass(d, PPOConfig) for d in self.dataclass_types) else {}
         for action in self._actions:  # TrlParser itself walks `_actions` to apply YAML defaults
             if action.dest in choices and action.option_strings and not NO_FLAG.match(action.option_strings[0]):
                 action.choices = choices[action.dest]
@@ -211,7 +213,7 @@ class PPOArgumentParser(TrlParser):
         """argparse prints the whole usage (170 lines) and exits; raise one line naming the flag instead."""
         match = re.match(r"argument (--[\w-]+)[^:]*: (.*)", message)
         if not match:
-            raise CLIError(message, f"`{self.prog.split('[')[0].strip()} --help` lists the options")
+            raise CLIError(message, f"`{self.prog} --help` lists the options")
         flag, detail = match.groups()
         dest = flag.lstrip("-").replace("-", "_")
         action, info = self._action(dest), self.fields.get(dest)
@@ -256,8 +258,9 @@ class PPOArgumentParser(TrlParser):
         self.check_config(kwargs)
         return super().set_defaults_with_config(**kwargs)
 
-    def parse_args_and_config(self, args=None, **kwargs):
-        """`TrlParser.parse_args_and_config`, every user error raised as a one-line `CLIError`."""
+    def parse_args_and_config(self, args=None):
+        """`TrlParser.parse_args_and_config`: the dataclasses, every user error (an unknown option included) raised
+        as a one-line `CLIError`."""
         import yaml
 
         args = list(sys.argv[1:] if args is None else args)
