@@ -4,16 +4,20 @@
     python examples/ppo_bleu_translation.py --config examples/ppo_bleu_translation.yaml --kl_coef 0.1  # flags win
 
 The dataset is WMT16 de-en (`translation: {"de": ..., "en": ...}` rows); `to_prompt` turns a row into a chat prompt
-and a `reference` column, which `BleuReward` reads. Any `translation`-style dataset works, local ones too (a
-directory with a README declaring the `de-en` config, or `--dataset_config` unset for a plain directory of jsonl).
+and a `reference` column, which `BleuReward` reads. Any `translation`-style dataset works, local ones too: a .jsonl
+(.json/.csv/.parquet) file of such rows, a directory with a README declaring the `de-en` config, or a plain directory
+of jsonl files with `--dataset_config` unset; `--dataset_name` takes what `trl-gae ppo --dataset_name` takes.
 """
 
+import sys
 from dataclasses import dataclass, field
 
-from datasets import load_dataset
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_gae_ext import PPOConfig, PPOTrainer
+from trl_gae_ext.cli_args import PPOArgumentParser
+from trl_gae_ext.data import load_split, require_columns
+from trl_gae_ext.errors import run_main
 from trl_gae_ext.rewards import BleuReward
 
 
@@ -40,12 +44,15 @@ def to_prompt(row: dict, source: str, target: str) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    parser = TrlParser((ScriptArguments, PPOConfig, ModelConfig))
+    parser = PPOArgumentParser((ScriptArguments, PPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if training_args.model_init_kwargs is None:
         training_args.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
 
-    dataset = load_dataset(script_args.dataset_name, script_args.dataset_config, split=script_args.dataset_train_split)
+    # a hub id, a local .jsonl/.csv/.parquet file or directory, as `trl-gae ppo --dataset_name` takes
+    dataset = load_split(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    what = f"dataset {script_args.dataset_name!r}"
+    require_columns(dataset, {"translation": "use a dataset laid out like WMT: translation: {de: ..., en: ...}"}, what)
     if script_args.max_train_samples:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
     dataset = dataset.map(
@@ -70,4 +77,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))  # a user error is one line (TRL_GAE_DEBUG=1 shows the traceback)

@@ -12,12 +12,15 @@ whose `score` head gives a value for every token; pass `--no_critic_from_reward_
 of the policy instead.
 """
 
+import sys
 from dataclasses import dataclass, field
 
-from datasets import load_dataset
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_gae_ext import PPOConfig, PPOTrainer
+from trl_gae_ext.cli_args import PPOArgumentParser
+from trl_gae_ext.data import load_split, require_columns
+from trl_gae_ext.errors import run_main
 
 
 @dataclass
@@ -33,13 +36,16 @@ class ScriptArguments:
 
 
 def main(argv: list[str] | None = None):
-    parser = TrlParser((ScriptArguments, PPOConfig, ModelConfig))
+    parser = PPOArgumentParser((ScriptArguments, PPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     model_args.model_name_or_path = model_args.model_name_or_path or "Qwen/Qwen2.5-0.5B-Instruct"
     if training_args.model_init_kwargs is None:
         training_args.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
 
-    dataset = load_dataset(script_args.dataset_name, script_args.dataset_config, split=script_args.dataset_train_split)
+    # a hub id, a local .jsonl/.csv/.parquet file or directory, as `trl-gae ppo --dataset_name` takes
+    dataset = load_split(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    fixes = {"prompt": "use a dataset with a `prompt` column (text or chat messages)"}
+    require_columns(dataset, fixes, f"dataset {script_args.dataset_name!r}")
     if script_args.max_train_samples:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
     dataset = dataset.select_columns(["prompt"])  # the reward model needs no reference
@@ -61,4 +67,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))  # a user error is one line (TRL_GAE_DEBUG=1 shows the traceback)

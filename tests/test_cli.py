@@ -100,6 +100,47 @@ def test_help_lists_the_commands(capsys):
         assert f"    {command} " in out
 
 
+def _ppo_help(capsys, flag: str) -> list[str]:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["ppo", flag])
+    assert stop.value.code == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_ppo_help_leads_with_the_ppo_options_grouped_with_their_choices(capsys):
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from trl_gae_ext import PPOConfig
+
+    lines = _ppo_help(capsys, "--help")
+    full = _ppo_help(capsys, "--help-all")
+    sections = [line.rstrip(":") for line in lines if line and not line.startswith(" ") and line.endswith(":")]
+    assert all(title.startswith("PPO: ") for title in sections[:7]), sections
+    assert sections[7:] == [
+        "script options (PPOScriptArguments)",
+        "model, LoRA and quantization (TRL's ModelConfig)",
+        "common training options (transformers' TrainingArguments)",
+    ]
+    options = [line.split()[0] for line in lines if line.startswith("  --")]
+    assert options[0] == "--total_episodes"  # the first option listed is a PPO one
+    own = [
+        f.name
+        for f in dataclasses.fields(PPOConfig)
+        if f.name not in {g.name for g in dataclasses.fields(TrainingArguments)}
+    ]
+    assert {f"--{name}" for name in own} <= set(options)  # every PPO option, once, one spelling
+    assert len(options) == len(set(options)) and not any("-" in o[2:] for o in options)
+    text = "\n".join(lines)
+    for choice in ("--value_head {auto,shared,adapter,separate}", "--kl_estimator {k1,k2,k3}",
+                   "--loss_aggregation {token_mean,seq_mean}", "--dtype {auto,bfloat16,float16,float32}"):  # fmt: skip
+        assert choice in text
+    assert "--adam_beta1" not in text and "--adam_beta1" in "\n".join(full)
+    assert "`trl-gae ppo --help-all` lists every option" in text
+    assert len(lines) < 0.5 * len(full)
+
+
 def test_plan_command_prints_the_planner_report(capsys):
     assert cli.main(["plan", "--model", "qwen2.5-7b", "--gpu-memory", "24"]) == 0
     out = capsys.readouterr().out
@@ -227,11 +268,30 @@ def test_console_script_runs_a_yaml_config(tiny_model_dir, tmp_path):
 
 
 # -- one-line errors -----------------------------------------------------------------------------------------------
+def _yaml_case(tmp_path, text: str) -> list[str]:
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    return ["ppo", "--config", str(config)]
+
+
 def _error_case(tmp_path, tiny_model_dir, jsonl, case):
     base = ["ppo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(jsonl), "--reward_funcs", "bleu"]
     base += ["--output_dir", str(tmp_path / "out"), "--report_to", "none"]
     bad_file = tmp_path / "data.xlsx"
     bad_file.write_text("x")
+    yaml_base = f"model_name_or_path: {tiny_model_dir}\ndataset_name: {jsonl}\nreward_funcs: [bleu]\n"
+    yaml_cases = {
+        "yaml int": "per_device_train_batch_size: eight\n",
+        "yaml list for a number": "kl_coef: [0.05]\n",
+        "yaml unknown key": "kl_coeff: 0.1\n",
+        "yaml bad choice": "value_head: critic\n",
+        "yaml bad enum choice": "lr_scheduler_type: cosin\n",
+        "yaml bool": "whiten_advantages: maybe\n",
+        "yaml out of range": "gamma: 1.5\n",
+        "yaml syntax": "kl_coef: [0.05\n",
+    }
+    if case in yaml_cases:
+        return _yaml_case(tmp_path, yaml_base + yaml_cases[case])
     return {
         "unknown reward": base + ["--reward_funcs", "blue"],
         "unknown import path": base + ["--reward_funcs", "no_such_module.reward"],
@@ -245,10 +305,14 @@ def _error_case(tmp_path, tiny_model_dir, jsonl, case):
         "4bit without peft": base + ["--load_in_4bit"],
         "missing config": ["ppo", "--config", str(tmp_path / "missing.yaml")],
         "unknown flag": base + ["--learning_rat", "1e-3"],
+        "flag int": base + ["--per_device_train_batch_size", "eight"],
+        "flag bad choice": base + ["--kl_estimator", "k4"],
+        "flag without value": base + ["--kl_coef"],
         "demo flag": ["ppo", "--learning_rate", "1e-3"],
     }[case]
 
 
+# case: (text in the error line, text after "; fix: ")
 ERRORS = {
     "unknown reward": ("Unknown reward 'blue'. Valid names: bleu, rouge1", "--reward_funcs"),
     "unknown import path": ("cannot import reward function 'no_such_module.reward'", "importable"),
@@ -261,22 +325,38 @@ ERRORS = {
     "missing model dir": ("no-model: no such directory", "saved model directory"),
     "4bit without peft": ("a 4/8-bit base cannot be trained directly", "--use_peft"),
     "missing config": ("missing.yaml' not found", "--config"),
-    "unknown flag": ("not used by the HfArgumentParser: ['--learning_rat', '1e-3']", "--help"),
+    "unknown flag": ("unknown option --learning_rat 1e-3", "did you mean --learning_rate?"),
+    "flag int": ("--per_device_train_batch_size: invalid int value: 'eight'", "a whole number, e.g. --per_device"),
+    "flag bad choice": ("--kl_estimator: invalid choice: 'k4' (choose from 'k1', 'k2', 'k3')", "one of: k1, k2, k3"),
+    "flag without value": ("--kl_coef: expected one argument", "pass a number, e.g. --kl_coef 0.05"),
     "demo flag": ("trl-gae ppo does not take --learning_rate 1e-3", "--model_name_or_path and --dataset_name"),
+    "yaml int": ("per_device_train_batch_size: 'eight' in ", "e.g. `per_device_train_batch_size: 8`"),
+    "yaml list for a number": ("kl_coef: [0.05] in ", "one value, not a list: `kl_coef: 0.05`"),
+    "yaml unknown key": ("unknown key 'kl_coeff' in ", "did you mean 'kl_coef'?"),
+    "yaml bad choice": ("value_head: 'critic' in ", "`value_head: auto`"),
+    "yaml bad enum choice": ("lr_scheduler_type: 'cosin' in ", "`lr_scheduler_type: cosine`"),
+    "yaml bool": ("whiten_advantages: 'maybe' in ", "true or false, e.g. `whiten_advantages: true`"),
+    "yaml out of range": ("`gamma` must be in [0, 1], got 1.5", "run.yaml"),
+    "yaml syntax": ("cannot read ", "fix the YAML"),
 }
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_bad_input_gives_one_line_and_the_fix(case, tmp_path, tiny_model_dir, jsonl, capsys, monkeypatch):
+def test_bad_input_gives_one_line_naming_the_setting_and_the_fix(
+    case, tmp_path, tiny_model_dir, jsonl, capsys, monkeypatch
+):
     monkeypatch.delenv("TRL_GAE_DEBUG", raising=False)
     assert cli.main(_error_case(tmp_path, tiny_model_dir, jsonl, case)) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith(("trl-gae", "  fix:"))]
+    captured = capsys.readouterr()
     message, fix = ERRORS[case]
-    assert len(lines) == 2, err
-    assert lines[0].startswith("trl-gae ppo: error: ") and message in lines[0], err
-    assert lines[1].startswith("  fix: ") and fix in lines[1], err
-    assert "Traceback" not in err
+    # datasets' "Generating train split" bar may come first; then one line, no usage, no traceback
+    lines = [line for line in captured.err.splitlines() if line.strip() and "examples/s]" not in line]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("trl-gae ppo: error: ") and "; fix: " in lines[0], lines[0]
+    error, _, advice = lines[0].partition("; fix: ")
+    assert message in error, lines[0]
+    assert fix in advice, lines[0]
+    assert captured.out == ""
 
 
 def test_debug_raises_the_exception_instead(tmp_path, tiny_model_dir, jsonl, monkeypatch):
@@ -287,7 +367,22 @@ def test_debug_raises_the_exception_instead(tmp_path, tiny_model_dir, jsonl, mon
 
 def test_unknown_command(capsys):
     assert cli.main(["train"]) == 2
-    assert "unknown command 'train'" in capsys.readouterr().err
+    assert capsys.readouterr().err == "trl-gae: error: unknown command 'train'; fix: use one of ppo, demo, plan\n"
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run(
+        [sys.executable, "-m", "trl_gae_ext", "ppo", "--kl_estimator", "k4", "--model_name_or_path", "m"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,  # this checkout's package
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "trl-gae ppo: error: --kl_estimator: invalid choice: 'k4' (choose from 'k1', 'k2', 'k3'); fix: pass one of: "
+        "k1, k2, k3, e.g. --kl_estimator k1"
+    ]
 
 
 # -- docs ----------------------------------------------------------------------------------------------------------

@@ -97,8 +97,23 @@ def _run_smoke(tmp_path, capsys) -> tuple[list[str], dict]:
     return lines, summary
 
 
-def test_smoke_demo_end_to_end_writes_metrics_plot_and_the_bleu_line(tmp_path, capsys):
+# with --no_progress: the title, the warm start, one line per held-out evaluation, 4 samples under a heading, exact
+# answers, files written, the BLEU line; never a metrics dictionary (the Trainer's PrinterCallback printed one per
+# iteration, 200 in the full demo). A library's own log record ("[2026-...] [WARNING] ...") is not the demo's.
+QUIET_LINES = 1 + 1 + 1 + 4 + 1 + 1 + 1
+
+
+def _assert_quiet(lines: list[str], iterations: int) -> None:
+    ours = [line for line in lines if not re.match(r"\[\d{4}-\d\d-\d\d ", line)]
+    assert not any("{" in line for line in ours), ours
+    reported = [line.split(":")[0] for line in ours if line.startswith("iteration ")]
+    assert reported == [f"iteration {i}/{iterations}" for i in range(1, iterations + 1)]
+    assert len(ours) == QUIET_LINES + iterations, ours
+
+
+def test_smoke_demo_end_to_end_writes_metrics_plot_and_the_bleu_line_and_is_quiet(tmp_path, capsys):
     lines, summary = _run_smoke(tmp_path, capsys)
+    _assert_quiet(lines, iterations=2)
     match = LINE.match(lines[-1])
     assert match, lines[-1]
     assert float(match.group(1)) == round(summary["bleu_before"], 1)
@@ -129,5 +144,6 @@ def test_smoke_demo_end_to_end_writes_metrics_plot_and_the_bleu_line(tmp_path, c
     # a second run reuses the warm start and starts from the same held-out score
     lines, second = _run_smoke(tmp_path, capsys)
     assert second["sft_cached"] and any(line.startswith("warm start: reused") for line in lines)
+    _assert_quiet(lines, iterations=2)
     assert second["bleu_before"] == pytest.approx(summary["bleu_before"])
     assert LINE.match(lines[-1])

@@ -81,7 +81,7 @@ def _docstring_commands(path: Path) -> list[list[str]]:
 
 def _not_run(argv: list[str]) -> bool:
     """Installs and the test suite itself."""
-    return argv[0] == "pip" or argv[:3] == ["python", "-m", "pytest"]
+    return argv[0] in ("pip", "apt-get") or argv[:3] == ["python", "-m", "pytest"]
 
 
 def _shell_commands() -> list:
@@ -115,7 +115,7 @@ def _example_parser(path: Path):
     call = next(
         n
         for n in ast.walk(ast.parse(path.read_text()))
-        if isinstance(n, ast.Call) and ast.unparse(n.func) == "TrlParser"
+        if isinstance(n, ast.Call) and ast.unparse(n.func) in ("TrlParser", "PPOArgumentParser")
     )
     return eval(compile(ast.Expression(call), str(path), "eval"), vars(module))
 

@@ -3,6 +3,7 @@ out like the hub ones: README configs, same columns) for the hub datasets, and a
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -138,6 +139,79 @@ def test_grpo_with_bleu_reward(tiny_model_dir, wmt, tmp_path):
     trainer = example.main(argv)
     assert trainer.state.global_step == 1
     assert len(_logged(trainer, "rewards/bleu/mean")) == 1
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+JSONL_ROWS = {
+    "translation": [{"translation": {"de": f"hallo {w}", "en": f"the {w}"}} for w in WORDS],
+    "summaries": [{"article": f"{w} " * 20, "highlights": f"the {w}"} for w in WORDS],
+    "tldr": [{"prompt": f"say a word : {w}", "completion": f"the {w}"} for w in WORDS],
+}
+PPO_EXAMPLES = {
+    "ppo_bleu_translation": ("translation", "rewards/bleu/mean"),
+    "ppo_rouge_summarization": ("summaries", "rewards/rougeL/mean"),
+    "ppo_custom_reward": ("tldr", "rewards/concise_summary/mean"),
+}
+
+
+@pytest.mark.parametrize("name", list(PPO_EXAMPLES))
+def test_examples_read_a_local_jsonl_file_as_the_cli_does(name, tiny_model_dir, tmp_path):
+    rows, metric = PPO_EXAMPLES[name]
+    data = _jsonl(tmp_path / "train.jsonl", JSONL_ROWS[rows])
+    argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", data, "--output_dir", str(tmp_path / "out")]
+    trainer = _load(name).main([*argv, *TINY_PPO, "--total_episodes", "4", "--logging_steps", "2"])
+    assert trainer.train_dataset.num_rows == len(WORDS)  # every row of the file, as the train split
+    assert len(_logged(trainer, metric)) == 1
+
+
+EXAMPLE_NAMES = [*PPO_EXAMPLES, "ppo_reward_model", "grpo_with_bleu_reward"]
+
+
+def _bad_example_input(case: str, tmp_path: Path) -> tuple[list[str], str, str]:
+    """argv, the text of the error line and of its fix."""
+    config = tmp_path / "run.yaml"
+    if case == "yaml type":
+        config.write_text("per_device_train_batch_size: eight\n")
+        return ["--config", str(config)], "per_device_train_batch_size: 'eight' in", "per_device_train_batch_size: 8"
+    if case == "missing file":
+        missing = str(tmp_path / "nope.jsonl")
+        return ["--dataset_name", missing], "nope.jsonl': no such file or directory", ".jsonl"
+    data = _jsonl(tmp_path / "other.jsonl", [{"text": "x"}])
+    return ["--dataset_name", data], "has no column", ""
+
+
+@pytest.mark.parametrize("case", ["yaml type", "missing file", "missing column"])
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_examples_report_user_errors_in_one_line(name, case, tmp_path, capsys, monkeypatch):
+    from trl_gae_ext.errors import run_main
+
+    monkeypatch.delenv("TRL_GAE_DEBUG", raising=False)
+    example = _load(name)
+    argv, message, fix = _bad_example_input(case, tmp_path)
+    argv += ["--output_dir", str(tmp_path / "out"), "--bf16", "false"]  # GRPOConfig's default bf16 needs a GPU
+    assert run_main(lambda: example.main(argv), prog=f"{name}.py") == 2  # what `python examples/<name>.py` runs
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "examples/s]" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{name}.py: error: "), lines
+    error, _, advice = lines[0].partition("; fix: ")
+    assert message in error and fix in advice, lines[0]
+
+
+def test_example_script_prints_one_line_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "ppo_custom_reward.py"), "--dataset_name", str(tmp_path / "nope.jsonl")],
+        capture_output=True,
+        text=True,
+        # the package of this checkout, wherever the installed one lives
+        env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent), "HF_HUB_OFFLINE": "1", "TRL_GAE_DEBUG": "0"},
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[0].startswith("ppo_custom_reward.py: error: cannot read dataset"), lines
 
 
 QLORA = EXAMPLES / "qlora_7b_24gb.yaml"

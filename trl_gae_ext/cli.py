@@ -7,8 +7,10 @@
 
 `trl-gae ppo` parses three dataclasses, as `trl grpo` does: `PPOScriptArguments` (dataset, columns, rewards),
 `PPOConfig` (training) and TRL's `ModelConfig` (model id, dtype, 4-bit, LoRA). A YAML file given with `--config`
-sets their defaults; flags override it. Errors a user can fix (unknown reward, unreadable dataset, missing column)
-print one line and the fix, without a traceback; `--debug` shows the traceback.
+sets their defaults; flags override it (parsing, the short `--help` and `--help-all`: `cli_args.py`). Errors a user
+can fix (a YAML value of the wrong type, an unknown key or flag, an unknown reward, an unreadable dataset, a missing
+column) print one line naming the setting and the fix, without a traceback (`errors.py`); `--debug` shows the
+traceback. `python -m trl_gae_ext` is the same command.
 """
 
 from __future__ import annotations
@@ -19,21 +21,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .data import load_any_dataset, pick_split, prepare_columns  # noqa: F401 (public here since 0.1)
+from .errors import CLIError, debug_requested, format_error, run_main
+
 
 PROG = "trl-gae"
-DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 # `--debug <option>` belongs to `TrainingArguments.debug`; a bare `--debug` asks for tracebacks
 TRAINING_DEBUG_OPTIONS = ("underflow_overflow", "tpu_metrics_debug")
 # any of these in `trl-gae ppo`'s arguments means "train my model", not "run the demo"
-TRAINING_FLAGS = ("config", "model_name_or_path", "dataset_name", "h", "help")
-
-
-class CLIError(Exception):
-    """An error the user can fix: printed as `message` plus `fix`, without a traceback."""
-
-    def __init__(self, message: str, fix: str | None = None):
-        super().__init__(message)
-        self.message, self.fix = message, fix
+TRAINING_FLAGS = ("config", "model_name_or_path", "dataset_name", "h", "help", "help_all")
 
 
 # -- arguments ---------------------------------------------------------------------------------------------------
@@ -97,15 +93,15 @@ def make_script_arguments_class():
 
 
 def make_ppo_parser():
-    """The `TrlParser` of `trl-gae ppo`: (PPOScriptArguments, PPOConfig, ModelConfig)."""
-    from trl import ModelConfig, TrlParser
+    """The parser of `trl-gae ppo`: a `TrlParser` over (PPOScriptArguments, PPOConfig, ModelConfig)."""
+    from trl import ModelConfig
 
+    from .cli_args import PPOArgumentParser
     from .config import PPOConfig
 
-    return TrlParser(
+    return PPOArgumentParser(
         (make_script_arguments_class(), PPOConfig, ModelConfig),
         prog=f"{PROG} ppo",
-        allow_abbrev=False,  # a misspelt flag is an error, not a silent prefix match
         description="PPO with GAE and a learned critic. Flags override the YAML given with --config. With no "
         "--model_name_or_path, --dataset_name or --config, `trl-gae ppo` runs the built-in demo instead.",
     )
@@ -113,92 +109,7 @@ def make_ppo_parser():
 
 def parse_ppo_args(argv: list[str]):
     """`(script_args, ppo_config, model_config)` from `--config` YAML and flags; bad input raises `CLIError`."""
-    parser = make_ppo_parser()
-    config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    if config_path is not None and not os.path.isfile(config_path):
-        raise CLIError(f"config file {config_path!r} not found", "check the path given to --config")
-    try:
-        return parser.parse_args_and_config(argv)
-    except ValueError as err:
-        text = str(err)
-        if "Unknown arguments from config file" in text or "not used by the HfArgumentParser" in text:
-            raise CLIError(text.rstrip("."), f"check the spelling; `{PROG} ppo --help` lists every option") from err
-        if "bf16" in text or "fp16" in text:
-            raise CLIError(text, "without a GPU, pass --bf16 false (or --use_cpu true for bf16 on the CPU)") from err
-        raise CLIError(text, "fix the setting named above") from err
-
-
-# -- data --------------------------------------------------------------------------------------------------------
-def _is_saved_dataset(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json"))
-
-
-def load_any_dataset(name: str, config: str | None = None):
-    """A `Dataset` or `DatasetDict` from a hub id, a data file, a directory of data files or a `save_to_disk` dir.
-
-    A single file becomes the `train` split.
-    """
-    import datasets
-
-    fix = (
-        "pass a .json/.jsonl/.csv/.parquet file, a directory of such files, a directory written by "
-        "`save_to_disk`, or a hub dataset id (needs network)"
-    )
-    path = os.path.expanduser(name)
-    try:
-        if os.path.isfile(path):
-            ext = os.path.splitext(path)[1].lower()
-            if ext not in DATA_FILE_BUILDERS:
-                raise CLIError(f"cannot read dataset {name!r}: unsupported file type {ext or '(none)'}", fix)
-            return datasets.load_dataset(DATA_FILE_BUILDERS[ext], data_files={"train": path})
-        if os.path.isdir(path):
-            if _is_saved_dataset(path):
-                return datasets.load_from_disk(path)
-            return datasets.load_dataset(path, name=config)
-        if os.path.splitext(path)[1].lower() in DATA_FILE_BUILDERS or name.startswith((".", "/", "~")):
-            raise CLIError(f"cannot read dataset {name!r}: no such file or directory", fix)
-        return datasets.load_dataset(name, name=config)
-    except CLIError:
-        raise
-    except Exception as err:  # datasets raises many types (DatasetNotFoundError, ArrowInvalid, ConnectionError...)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIError(f"cannot read dataset {name!r}: {reason}", fix) from err
-
-
-def pick_split(data, split: str, name: str, required: bool = True):
-    import datasets
-
-    if isinstance(data, datasets.Dataset):
-        return data if split == "train" or required else None
-    if split in data:
-        return data[split]
-    if not required:
-        return None
-    raise CLIError(
-        f"dataset {name!r} has no split {split!r} (splits: {', '.join(data)})",
-        "pass --dataset_train_split with one of those",
-    )
-
-
-def prepare_columns(dataset, script_args, needs_reference: bool, what: str):
-    """Rename the prompt column to `prompt` and check the reference column; `CLIError` naming the fix."""
-    columns = list(dataset.column_names)
-    if script_args.prompt_column not in columns:
-        raise CLIError(
-            f"{what} has no prompt column {script_args.prompt_column!r} (columns: {', '.join(columns)})",
-            "pass --prompt_column <name of the column holding the prompts>",
-        )
-    if script_args.prompt_column != "prompt":
-        if "prompt" in columns:
-            dataset = dataset.remove_columns("prompt")
-        dataset = dataset.rename_column(script_args.prompt_column, "prompt")
-    if needs_reference and script_args.reference_column not in columns:
-        raise CLIError(
-            f"{what} has no reference column {script_args.reference_column!r} needed by the metric rewards "
-            f"(columns: {', '.join(columns)})",
-            "pass --reference_column <name of the column holding the reference text>",
-        )
-    return dataset
+    return make_ppo_parser().parse_args_and_config(argv)
 
 
 # -- rewards -----------------------------------------------------------------------------------------------------
@@ -396,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pop_debug(argv: list[str]) -> tuple[bool, list[str]]:
     """Remove a bare `--debug` (show tracebacks) from `argv`; `--debug <option>` stays for `TrainingArguments`."""
-    debug, rest = os.environ.get("TRL_GAE_DEBUG", "") not in ("", "0"), []
+    debug, rest = debug_requested(), []
     for i, arg in enumerate(argv):
         following = argv[i + 1] if i + 1 < len(argv) else ""
         if arg == "--debug" and following.split(" ")[0] not in TRAINING_DEBUG_OPTIONS:
@@ -404,16 +315,6 @@ def pop_debug(argv: list[str]) -> tuple[bool, list[str]]:
         else:
             rest.append(arg)
     return debug, rest
-
-
-def format_error(command: str, err: BaseException) -> str:
-    prog = f"{PROG} {command}".strip()
-    if isinstance(err, CLIError):
-        fix = f"\n  fix: {err.fix}" if err.fix else ""
-        return f"{prog}: error: {err.message}{fix}"
-    text = str(err).strip() or type(err).__name__
-    first = text.splitlines()[0]
-    return f"{prog}: error: {type(err).__name__}: {first}\n  fix: see the message above; rerun with --debug for the traceback"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,19 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        build_parser().print_usage(sys.stderr)
-        print(f"{PROG}: error: unknown command {command!r}\n  fix: use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        error = CLIError(f"unknown command {command!r}", f"use one of {', '.join(COMMANDS)}")
+        print(format_error(PROG, error), file=sys.stderr)
         return 2
-    try:
-        return COMMANDS[command][0](rest)
-    except KeyboardInterrupt:
-        print(f"{PROG} {command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if debug:
-            raise
-        print(format_error(command, err), file=sys.stderr)
-        return 2 if isinstance(err, CLIError) else 1
+    return run_main(lambda: COMMANDS[command][0](rest), prog=f"{PROG} {command}", debug=debug)
 
 
 if __name__ == "__main__":

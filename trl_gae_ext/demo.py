@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -29,7 +28,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 from . import demo_task
-from .cli import CLIError
+from .demo_report import make_demo_callback, plot_curves, print_samples, progress_callback, quiet
+from .errors import CLIError
 
 
 DEMO_VERSION = 1  # bump when a change to the demo makes cached warm starts stale
@@ -182,28 +182,6 @@ def quiet_libraries(num_threads: int | None):
             transformers.utils.logging.enable_progress_bar()
 
 
-def _progress_callback(base, desc: str, postfix=None):
-    """A progress bar callback (subclass of `base`, the `Trainer`'s or the PPO iteration bar) titled `desc`, counted
-    in PPO iterations (or steps for SFT), showing `postfix(logs)` and never printing log dicts under the bar."""
-    from tqdm.auto import tqdm
-
-    class DemoProgress(base):
-        def on_train_begin(self, args, state, control, **kwargs):
-            per_unit = getattr(args, "steps_per_rollout", 1)
-            if state.is_world_process_zero:
-                self.training_bar = tqdm(total=math.ceil(state.max_steps / per_unit), desc=desc, dynamic_ncols=True)
-            self.current_step = 0
-
-        def on_rollout_end(self, args, state, control, **kwargs):
-            pass  # the postfix comes from the logs, with the held-out BLEU
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if postfix is not None and self.training_bar is not None and "objective/scores" in (logs or {}):
-                self.training_bar.set_postfix(postfix(logs))
-
-    return DemoProgress
-
-
 # -- task data ---------------------------------------------------------------------------------------------------
 def build_splits(settings: DemoSize) -> demo_task.TaskSplits:
     return demo_task.make_splits(settings.sft_examples, settings.ppo_prompts, settings.heldout, seed=TASK_SEED)
@@ -329,7 +307,9 @@ def train_sft(path: str, config: DemoConfig, device: str, splits: demo_task.Task
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     if config.progress:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_progress_callback(ProgressCallback, "SFT warm start"))
+        trainer.add_callback(progress_callback(ProgressCallback, "SFT warm start"))
+    else:
+        quiet(trainer)
     trainer.train()
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -393,68 +373,7 @@ def ppo_config(config: DemoConfig, device: str):
     )
 
 
-def make_demo_callback(evaluator: HeldoutBleu, every: int, iterations: int, records: list, metrics_file):
-    """A `TrainerCallback` that writes one JSONL record per PPO iteration (from the trainer's logs, one per
-    iteration) and, after it, evaluates held-out BLEU every `every` iterations and after the last one."""
-    from transformers import TrainerCallback
-
-    class HeldoutBleuCallback(TrainerCallback):
-        latest: float | None = None
-
-        def _write(self, record: dict) -> None:
-            records.append(record)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-            if not logs or "objective/scores" not in logs:
-                return
-            iteration = math.ceil(state.global_step / args.steps_per_rollout)
-            numbers = {k: v for k, v in logs.items() if isinstance(v, int | float)}
-            self._write({"kind": "train", "iteration": iteration, "step": state.global_step, **numbers})
-            if iteration % every == 0 or iteration == iterations:
-                scores = evaluator.score(getattr(model, "policy", model))
-                self.latest = scores["bleu"]
-                self._write(evaluator.record(scores, iteration, state.global_step))
-
-    return HeldoutBleuCallback()
-
-
 # -- 3. outputs --------------------------------------------------------------------------------------------------
-def plot_curves(records: list[dict], path: str) -> None:
-    """`reward_curve.png`: mean sampled reward, KL to the reference and held-out BLEU against the PPO iteration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [
-        (axes[0], train, "objective/scores", "reward: sentence BLEU of samples (0-1)", "tab:blue"),
-        (axes[1], train, "objective/kl", "KL to the warm start (nats / sequence)", "tab:red"),
-        (axes[2], evals, "heldout/bleu", "held-out BLEU (greedy, corpus, 0-100)", "tab:green"),
-    ]
-    for ax, rows, key, title, color in panels:
-        marker = "." if len(rows) <= 60 else None
-        ax.plot([r["iteration"] for r in rows], [r.get(key, float("nan")) for r in rows], color=color, marker=marker)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO iteration")
-        ax.grid(alpha=0.3)
-    fig.suptitle("trl-gae demo: PPO + GAE on 'spell the number'", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _print_samples(evaluator: HeldoutBleu, before: list[str], after: list[str], n: int = 4) -> None:
-    print("held-out samples (prompt: warm start | after PPO | reference):")
-    for prompt, b, a, ref in list(zip(evaluator.prompts, before, after, evaluator.references))[:n]:
-        mark = "ok" if a == ref else "--"
-        print(f"  {prompt:>4}: {b or '(empty)'} | {a or '(empty)'} | {ref}  [{mark}]")
-
-
 def train_ppo(config: DemoConfig, device: str, splits, policy, tokenizer, evaluator: HeldoutBleu, before: dict):
     """PPO from the warm start, writing `metrics.jsonl` as it goes; returns the trained policy and the records."""
     from datasets import Dataset
@@ -466,7 +385,10 @@ def train_ppo(config: DemoConfig, device: str, splits, policy, tokenizer, evalua
     settings = config.settings
     records: list[dict] = []
     with open(os.path.join(config.output_dir, "metrics.jsonl"), "w") as metrics_file:
-        callback = make_demo_callback(evaluator, settings.eval_every, settings.iterations, records, metrics_file)
+        report = None if config.progress else print  # quiet: one line per held-out evaluation, nothing else
+        callback = make_demo_callback(
+            evaluator, settings.eval_every, settings.iterations, records, metrics_file, report=report
+        )
         callback._write(evaluator.record(before, 0, 0))
         callback.latest = before["bleu"]
         trainer = PPOTrainer(
@@ -487,7 +409,9 @@ def train_ppo(config: DemoConfig, device: str, splits, policy, tokenizer, evalua
                     "heldout_bleu": f"{callback.latest:.1f}",
                 }
 
-            trainer.add_callback(_progress_callback(IterationProgressCallback, "PPO", postfix))
+            trainer.add_callback(progress_callback(IterationProgressCallback, "PPO", postfix))
+        else:
+            quiet(trainer)
         trainer.train()
     return trainer.accelerator.unwrap_model(trainer.model).policy, records
 
@@ -546,7 +470,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         records=records,
     )
     write_outputs(config, device, result)
-    _print_samples(evaluator, before["outputs"], after["outputs"])
+    print_samples(evaluator, before["outputs"], after["outputs"])
     print(
         f"exact answers: {before['exact_match']:.1f}% -> {after['exact_match']:.1f}%; "
         f"output/reference length: {before['length_ratio']:.2f} -> {after['length_ratio']:.2f}"

@@ -35,10 +35,11 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import HubStrategy
 from trl.data_utils import is_conversational, maybe_apply_chat_template
-from trl.trainer.utils import identity, pad, print_prompt_completions_sample
+from trl.trainer.utils import identity, pad
 
 from . import saving
 from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard, RolloutBoundaryCallback
+from .completions import log_completions
 from .config import PPOConfig
 from .dropout import disable_dropout
 from .gae import (
@@ -594,14 +595,7 @@ class PPOTrainer(Trainer):
             logs["episode"] = self._episodes
         super().log(logs, start_time)
         if self._samples is not None and self.accelerator.is_main_process and self.args.log_completions:
-            print_prompt_completions_sample(
-                self._samples["prompt"],
-                self._samples["completion"],
-                {"score": self._samples["scores"]},
-                None,
-                self.state.global_step,
-                self.args.num_completions_to_print,
-            )
+            log_completions(self.args, self.state.global_step, self._samples)  # printed, and a wandb/trackio table
             self._samples = None
 
     @torch.no_grad()
