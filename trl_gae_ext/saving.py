@@ -33,6 +33,7 @@ from torch import nn
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl.trainer.utils import generate_model_card, get_comet_experiment_url, get_trackio_space_url
 
+from .distributed import saved_parameters
 from .modeling import CRITIC_ADAPTER, CRITIC_DIR, is_peft_model
 from .value_head import VALUE_HEAD_WEIGHTS_NAME, ValueHead
 
@@ -85,6 +86,12 @@ def policy_adapter(policy) -> str:
 # -- writing ---------------------------------------------------------------------------------------------------------
 def save_pretrained(model, output_dir: str) -> None:
     """Write `model` (a `PolicyValueModel`) in the layout above: policy at the top, critic in `critic/`."""
+    empty = sum(p.numel() == 0 for p in saved_parameters(model))
+    if empty:  # ZeRO-3 shards: the files would hold empty tensors that load as nothing
+        raise RuntimeError(
+            f"{empty} of the parameters to save are empty on this process (DeepSpeed ZeRO-3 partitions them): save "
+            "with `PPOTrainer.save_model`, which gathers them, or inside `deepspeed.zero.GatheredParameters`."
+        )
     os.makedirs(output_dir, exist_ok=True)
     policy = model.policy
     if is_peft_model(policy):
