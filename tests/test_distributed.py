@@ -172,3 +172,18 @@ def test_fsdp_that_accelerate_did_not_turn_on_is_refused(tiny_model_dir, tmp_pat
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["distributed_type"] == "MULTI_CPU"
         assert result["error"] is not None and "nothing would be sharded" in result["error"]
+
+
+@pytest.mark.parametrize("name", ["deepspeed_zero3", "fsdp2"])
+def test_sharding_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(
+        os.path.join(os.path.dirname(WORKER), "..", "examples", "accelerate", f"{name}.yaml")
+    )
+    assert config.num_processes == 8 and config.mixed_precision == "bf16"
+    if name == "deepspeed_zero3":  # partitioned while the model loads (the reference and critic reload from its id)
+        assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 3
+        assert config.deepspeed_config["zero3_init_flag"]
+    else:
+        assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2

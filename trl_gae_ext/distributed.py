@@ -7,8 +7,8 @@
   engine otherwise), `prepare_fsdp`, or `prepare_model(evaluation_mode=True)`.
 - Generation: under FSDP the `PolicyValueModel` is the root of the sharding, and `policy.generate` is not its
   forward: it runs as one of the root's registered forward methods (`policy_generate`).
-- Saving: every saved parameter is gathered under ZeRO-3, unsharded under FSDP2 (`saving.save_pretrained` refuses
-  empty ZeRO-3 shards).
+- Saving: every saved parameter is gathered under ZeRO-3 (`saving.save_pretrained` refuses empty shards); under FSDP
+  the full state dict is written.
 - `fsdp=...` that accelerate did not turn on (it enables FSDP only on GPU-like devices) is refused.
 """
 
@@ -125,25 +125,25 @@ def saved_parameters(model) -> list[nn.Parameter]:
 
 
 @contextlib.contextmanager
-def gathered_for_saving(model, accelerator):
-    """Every parameter `save_pretrained` writes, whole on every process for the block (a collective: all processes
-    enter it): ZeRO-3 gathers them (`GatheredParameters`), FSDP2 unshards every sharded module; nothing to do
-    otherwise."""
+def weights_for_saving(trainer):
+    """The weights `saving.save_pretrained` writes, whole, for the block (a collective: every process enters it).
+
+    Yields None (write the modules' own tensors) or a full state dict of the `PolicyValueModel` (on the main process).
+    ZeRO-3 gathers the saved parameters in place (`GatheredParameters`); FSDP's parameters are shards (DTensors under
+    FSDP2), whose full state dict accelerate's `get_state_dict` builds, as `Trainer.save_model` saves under FSDP."""
     from torch.distributed.fsdp import FSDPModule
 
+    model, accelerator = trainer.accelerator.unwrap_model(trainer.model), trainer.accelerator
     if accelerator.distributed_type == DistributedType.DEEPSPEED and is_zero3_partitioned(model):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(saved_parameters(model)):
-            yield
-    elif isinstance(model, FSDPModule):
-        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        for unit in units:
-            unit.unshard()
-        try:
-            yield
-        finally:
-            for unit in units:
-                unit.reshard()
+            yield None
+    elif isinstance(model, FSDPModule):  # FSDP2: what `get_state_dict` does for it, on the model itself
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        yield get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif trainer.is_fsdp_enabled:
+        yield accelerator.get_state_dict(trainer.model_wrapped)
     else:
-        yield
+        yield None

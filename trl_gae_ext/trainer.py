@@ -650,9 +650,9 @@ class PPOTrainer(Trainer):
         `args.push_to_hub` and called by the user, as `Trainer.save_model` does."""
         output_dir = output_dir or self.args.output_dir
         wrapper: PolicyValueModel = self.accelerator.unwrap_model(self.model)
-        with distributed.gathered_for_saving(wrapper, self.accelerator):
+        with distributed.weights_for_saving(self) as state_dict:
             if self.args.should_save:
-                saving.save_pretrained(wrapper, output_dir)
+                saving.save_pretrained(wrapper, output_dir, state_dict)
                 self.processing_class.save_pretrained(output_dir)
                 torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
                 saving.write_model_card(saving.trainer_model_card(self), wrapper.policy, output_dir)
