@@ -19,6 +19,7 @@ import trl_gae_ext
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
 DS_WORKER = os.path.join(os.path.dirname(__file__), "ds_worker.py")
 FSDP_CPU_WORKER = os.path.join(os.path.dirname(__file__), "fsdp_cpu_worker.py")
+FSDP2_FORCED_WORKER = os.path.join(os.path.dirname(__file__), "fsdp2_forced_worker.py")
 DS_ENV = {"DS_ACCELERATOR": "cpu"}  # DeepSpeed would otherwise look for an accelerator it can not find
 
 
@@ -172,6 +173,24 @@ def test_fsdp_that_accelerate_did_not_turn_on_is_refused(tiny_model_dir, tmp_pat
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["distributed_type"] == "MULTI_CPU"
         assert result["error"] is not None and "nothing would be sharded" in result["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["adapter", "separate"])
+def test_fsdp2_forced_on_cpu_trains_and_saves_the_trained_model(layout, tiny_model_dir, tmp_path):
+    """FSDP2 as far as this machine runs it: the accelerator state switched to FSDP2 after the trainer is built (see
+    fsdp2_forced_worker.py). Generation from the sharded root, training and saving run; the saved folder reloads to
+    the trained model."""
+    from ds_worker import PROBE
+    from transformers import AutoTokenizer
+
+    launch(tmp_path, [FSDP2_FORCED_WORKER, str(tmp_path), tiny_model_dir, layout], timeout=300)
+    trained = torch.load(tmp_path / "probes.pt")
+    reloaded = _probe_reloaded(str(tmp_path / "final"), layout, tiny_model_dir, tmp_path)
+    torch.testing.assert_close(reloaded["values"], trained["values"], rtol=0, atol=1e-5)
+    logprobs = torch.log_softmax(reloaded["logits"][:, -4:-1].float(), -1)
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)(PROBE, return_tensors="pt")["input_ids"][:, -3:]
+    torch.testing.assert_close(logprobs.gather(-1, ids[..., None])[..., 0], trained["logprobs"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["deepspeed_zero3", "fsdp2"])
