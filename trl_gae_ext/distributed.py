@@ -5,8 +5,9 @@
   then loaded again from the model's id or path, as TRL's `GRPOTrainer` loads its reference.
 - The reference model is prepared as TRL prepares its own: `prepare_deepspeed` (sharded under ZeRO-3, a stage-0
   engine otherwise), `prepare_fsdp`, or `prepare_model(evaluation_mode=True)`.
-- Generation: under FSDP the `PolicyValueModel` is the root of the sharding, and `policy.generate` is not its
-  forward: it runs as one of the root's registered forward methods (`policy_generate`).
+- Generation: under FSDP2 the `PolicyValueModel` is the root of the sharding, and `policy.generate` is not its
+  forward: it runs as one of the root's registered forward methods (`policy_generate`). Under ZeRO-3 DeepSpeed's
+  hooks fetch each layer's shard in its forward (TRL's `ds3_gather_for_generation=False`).
 - Saving: every saved parameter is gathered under ZeRO-3 (`saving.save_pretrained` refuses empty shards); under FSDP
   the full state dict is written.
 - `fsdp=...` that accelerate did not turn on (it enables FSDP only on GPU-like devices) is refused.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 
 from accelerate.utils import DistributedType
 from torch import nn
@@ -33,7 +33,7 @@ def is_zero3_partitioned(model: nn.Module) -> bool:
 
 def _loadable_source(policy, model_id: str | None, role: str) -> str:
     source = model_id or getattr(policy.config, "_name_or_path", "")
-    if not source or (os.path.sep in source and not os.path.isdir(source)):
+    if not source:  # a model built from a config
         raise ValueError(
             f"The policy's weights are partitioned by DeepSpeed ZeRO-3, so its {role} cannot be copied from it and is "
             "loaded from the model's id or path instead, but the policy has none: pass `model` as an id or path."
@@ -129,8 +129,9 @@ def weights_for_saving(trainer):
     """The weights `saving.save_pretrained` writes, whole, for the block (a collective: every process enters it).
 
     Yields None (write the modules' own tensors) or a full state dict of the `PolicyValueModel` (on the main process).
-    ZeRO-3 gathers the saved parameters in place (`GatheredParameters`); FSDP's parameters are shards (DTensors under
-    FSDP2), whose full state dict accelerate's `get_state_dict` builds, as `Trainer.save_model` saves under FSDP."""
+    ZeRO-3 gathers the saved parameters in place (`GatheredParameters`). FSDP's parameters are shards (DTensors under
+    FSDP2): their full state dict, as `Trainer.save_model` takes it under FSDP (accelerate's `get_state_dict`, whose
+    FSDP2 branch is `get_model_state_dict`, called here on the model itself)."""
     from torch.distributed.fsdp import FSDPModule
 
     model, accelerator = trainer.accelerator.unwrap_model(trainer.model), trainer.accelerator
