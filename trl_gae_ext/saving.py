@@ -33,6 +33,7 @@ from torch import nn
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl.trainer.utils import generate_model_card, get_comet_experiment_url, get_trackio_space_url
 
+from .distributed import saved_parameters
 from .modeling import CRITIC_ADAPTER, CRITIC_DIR, is_peft_model
 from .value_head import VALUE_HEAD_WEIGHTS_NAME, ValueHead
 
@@ -83,30 +84,49 @@ def policy_adapter(policy) -> str:
 
 
 # -- writing ---------------------------------------------------------------------------------------------------------
-def save_pretrained(model, output_dir: str) -> None:
-    """Write `model` (a `PolicyValueModel`) in the layout above: policy at the top, critic in `critic/`."""
+def save_pretrained(model, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `model` (a `PolicyValueModel`) in the layout above: policy at the top, critic in `critic/`.
+
+    `state_dict`: the full weights of `model` (its own keys) when its parameters are shards (FSDP), written instead of
+    the modules' own tensors."""
+    empty = sum(p.numel() == 0 for p in saved_parameters(model)) if state_dict is None else 0
+    if empty:  # ZeRO-3 shards: the files would hold empty tensors that load as nothing
+        raise RuntimeError(
+            f"{empty} of the parameters to save are empty on this process (DeepSpeed ZeRO-3 partitions them): save "
+            "with `PPOTrainer.save_model`, which gathers them, or inside `deepspeed.zero.GatheredParameters`."
+        )
+
+    def weights(prefix: str) -> dict:  # `save_pretrained` kwargs: the sub-module's part of `state_dict`, if given
+        if state_dict is None:
+            return {}
+        return {"state_dict": {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}}
+
     os.makedirs(output_dir, exist_ok=True)
     policy = model.policy
     if is_peft_model(policy):
         name = policy_adapter(policy)
-        policy.save_pretrained(output_dir, selected_adapters=[name])
+        policy.save_pretrained(output_dir, selected_adapters=[name], **weights("policy."))
         if name != "default":  # PEFT wrote it into `output_dir/<name>/`: the policy belongs at the top
             for file in os.listdir(os.path.join(output_dir, name)):
                 os.replace(os.path.join(output_dir, name, file), os.path.join(output_dir, file))
             os.rmdir(os.path.join(output_dir, name))
     else:
-        policy.save_pretrained(output_dir)
+        policy.save_pretrained(output_dir, **weights("policy."))
     critic_dir = os.path.join(output_dir, CRITIC_DIR)
     os.makedirs(critic_dir, exist_ok=True)
     if model.layout == "adapter":
-        policy.save_pretrained(output_dir, selected_adapters=[CRITIC_ADAPTER])
+        policy.save_pretrained(output_dir, selected_adapters=[CRITIC_ADAPTER], **weights("policy."))
     elif model.layout == "separate":
-        model.critic.save_pretrained(critic_dir)
+        model.critic.save_pretrained(critic_dir, **weights("critic."))
     head = model.value_head
     if isinstance(head, ValueHead):
+        if state_dict is not None:  # a whole copy of the head, to write with its own `save_pretrained`
+            head = ValueHead(**head.config)
+            head.load_state_dict(weights("value_head.")["state_dict"])
         head.save_pretrained(critic_dir)
     else:  # a sequence classifier's `score` layer: its shape comes from the `value_model` the trainer is given
-        state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+        state = weights("value_head.").get("state_dict") or head.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         safetensors.torch.save_file(state, os.path.join(critic_dir, SCORE_HEAD_WEIGHTS_NAME), {"format": "pt"})
     manifest = {"layout": model.layout, "head": type(head).__name__}
     with open(os.path.join(critic_dir, CRITIC_MANIFEST_NAME), "w", encoding="utf-8") as f:

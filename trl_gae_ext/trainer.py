@@ -12,7 +12,6 @@ and callbacks are the `Trainer`'s own.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from transformers.trainer_utils import HubStrategy
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.trainer.utils import identity, pad
 
-from . import saving
+from . import distributed, saving
 from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard, RolloutBoundaryCallback
 from .completions import log_completions
 from .config import PPOConfig
@@ -181,7 +180,7 @@ class PPOTrainer(Trainer):
                 "A quantized policy needs a `peft_config`: its reference is a frozen copy of the adapter."
             )
         # copies of the initial policy (reference, separate critic) are taken before PEFT or freezing touch it
-        ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if needs_ref_copy else None
+        ref_model, value_model = distributed.copy_policy(policy, model_id, args, needs_ref_copy, layout, value_model)
         critic, head = build_critic(policy, value_model, layout, args)
         if args.trainable_layers is not None:
             if peft_config is not None or is_quantized(policy):
@@ -204,7 +203,8 @@ class PPOTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
+        distributed.check_sharding(args, self.accelerator)
+        self.ref_model = distributed.prepare_reference(ref_model, self.accelerator)
         self.scorer = RewardScorer(funcs, classes, names).to(self.accelerator.device)
         self.stop_token_id = tokenizer.eos_token_id if args.stop_token == "eos" else args.stop_token_id
         self.generation_config = self._generation_config(tokenizer, sampling=True)
@@ -292,13 +292,12 @@ class PPOTrainer(Trainer):
 
     @torch.no_grad()
     def _generate(self, model: PolicyValueModel, prompt_ids, prompt_mask, config) -> torch.Tensor:
-        """Sampled responses `[B, R]` (right-padded), generated in chunks with the KV cache."""
+        """Sampled responses `[B, R]` (right-padded), generated in chunks with the KV cache, as `config` alone says."""
         chunk = self.args.local_rollout_forward_batch_size
         responses = []
-        # only `config` applies: nothing is filled in from the checkpoint's own generation config (`generation.py`)
-        with generating_with(model.policy, config):
+        with distributed.policy_generate(self, model) as generate, generating_with(model.policy, config):
             for i in range(0, prompt_ids.shape[0], chunk):
-                seq = model.policy.generate(
+                seq = generate(
                     input_ids=prompt_ids[i : i + chunk],
                     attention_mask=prompt_mask[i : i + chunk],
                     generation_config=config,
@@ -644,12 +643,13 @@ class PPOTrainer(Trainer):
         (`README.md`). Checkpoints (`_internal_call`) hold the same folder. Pushes to the Hub when
         `args.push_to_hub` and called by the user, as `Trainer.save_model` does."""
         output_dir = output_dir or self.args.output_dir
-        if self.args.should_save:
-            wrapper: PolicyValueModel = self.accelerator.unwrap_model(self.model)
-            saving.save_pretrained(wrapper, output_dir)
-            self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-            saving.write_model_card(saving.trainer_model_card(self), wrapper.policy, output_dir)
+        wrapper: PolicyValueModel = self.accelerator.unwrap_model(self.model)
+        with distributed.weights_for_saving(self) as state_dict:
+            if self.args.should_save:
+                saving.save_pretrained(wrapper, output_dir, state_dict)
+                self.processing_class.save_pretrained(output_dir)
+                torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+                saving.write_model_card(saving.trainer_model_card(self), wrapper.policy, output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
