@@ -36,7 +36,7 @@ class RolloutRecorder(TrainerCallback):
         rollout = self.trainer._rollout
         if not self.rollouts or self.rollouts[-1] is not rollout:
             self.rollouts.append(rollout)
-            self.scales.append(float(self.trainer.model.value_head.return_scale))
+            self.scales.append(float(getattr(self.trainer.model.value_head, "return_scale", float("nan"))))
 
 
 def make_trainer(tmp_path, tokenizer, reward, **overrides):
