@@ -83,6 +83,8 @@ CHECKPOINT_CASES = [
 def _build(case, tmp_path, tokenizer, tiny_model_dir, **overrides):
     layout, peft, quantized = case
     model = tiny_model_dir if quantized else tiny(tokenizer)
+    # a random value head (not the default zero one), so that the value loss sends a gradient into the critic's body
+    overrides.setdefault("value_head_init_std", None)
     return make_trainer(
         tmp_path, model, tokenizer, layout, peft_config=lora() if peft else None, quantized=quantized, **overrides
     )

@@ -122,7 +122,8 @@ def test_mean_reward_rises_on_a_toy_task(tmp_path, tokenizer):
 def test_args_seed_alone_fixes_the_value_head_initialisation(tmp_path, tokenizer):
     def head(seed, disturb):
         torch.manual_seed(disturb)  # whatever the caller did to the global RNG before
-        trainer = PPOTrainer(make_model(tokenizer), length_reward, args=make_args(tmp_path, seed=seed, value_head="shared"),
+        args = make_args(tmp_path, seed=seed, value_head="shared", value_head_init_std=None)  # a random init
+        trainer = PPOTrainer(make_model(tokenizer), length_reward, args=args,
                              train_dataset=dataset(), processing_class=tokenizer)  # fmt: skip
         return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("value_head.")}
 

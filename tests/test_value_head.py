@@ -128,7 +128,7 @@ def test_unknown_head_type_lists_valid_types():
     [
         ({"hidden_size": 0}, "hidden_size"),
         ({"dropout": 1.0}, "dropout"),
-        ({"init_std": 0.0}, "init_std"),
+        ({"init_std": -0.1}, "init_std"),
         ({"head_type": "mlp", "mlp_hidden_size": -3}, "mlp_hidden_size"),
     ],
 )

@@ -60,7 +60,8 @@ class PPOConfig(TrainingArguments):
         kl_coef, kl_estimator, kl_in_reward.
 
     Parameters that control the critic:
-        value_head, value_head_type, value_head_dropout, value_head_init_std, critic_warmup_steps.
+        value_head, value_head_type, value_head_dropout, value_head_init_std, value_head_return_scale,
+        critic_warmup_steps.
 
     Parameters that control the rewards:
         reward_weights.
@@ -206,7 +207,20 @@ class PPOConfig(TrainingArguments):
     value_head_type: str = field(default="linear", metadata={"help": "Value head: 'linear' or 'mlp'."})
     value_head_dropout: float = field(default=0.0, metadata={"help": "Dropout before the value head."})
     value_head_init_std: float | None = field(
-        default=None, metadata={"help": "Init std of the value head's output layer; None uses 1/sqrt(hidden+1)."}
+        default=0.0,
+        metadata={
+            "help": "Init std of the value head's output layer; 0 starts it at zero (the untrained critic predicts 0 "
+            "everywhere), None uses 1/sqrt(hidden+1), which on a real model's hidden states (norm ~2 sqrt(hidden)) "
+            "predicts offsets of +-1-2. Measured in docs/learning.md."
+        },
+    )
+    value_head_return_scale: bool = field(
+        default=True,
+        metadata={
+            "help": "Scale the value head's output by the standard deviation of the first rollout's returns (set "
+            "once, saved with the head), so that the critic's Adam steps are sized to the returns rather than to the "
+            "reward's units. Measured in docs/learning.md."
+        },
     )
     critic_warmup_steps: int = field(
         default=0, metadata={"help": "Number of PPO iterations (rollouts) at the start that train only the critic."}

@@ -64,6 +64,7 @@ from .modeling import (
 from .qlora import attach_adapters, is_quantized, load_policy, model_init_kwargs
 from .rollout import Rollout, RolloutSampler, minibatch_counts, minibatch_plan, truncate_at_stop
 from .scoring import RewardScorer, check_reward_columns, load_reward_funcs
+from .value_head import fit_return_scale
 
 
 logger = logging.getLogger(__name__)
@@ -358,6 +359,9 @@ class PPOTrainer(Trainer):
         rewards[torch.arange(len(scores), device=device), lengths - 1] += scores
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask_f, shift_mean=False, **self._global_moments(rewards, mask_f))
+
+        if args.value_head_return_scale:  # once, at the first rollout: values computed before it are rescaled
+            values = values * fit_return_scale(wrapper.value_head, rewards, mask_f, args.gamma, self._global_moments)
 
         # 5. GAE: advantages for the actor, returns (critic targets) for the critic
         last_values = values[:, -1] * (~finished).float() if args.bootstrap_truncated else None
