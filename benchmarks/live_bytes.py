@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import gc
 import weakref
 from collections.abc import Iterable
 
@@ -132,6 +133,9 @@ class AllocatedBytes:
         self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
 
     def __enter__(self):
+        # Garbage left by earlier code would be freed during the block, and the profiler records such frees (of
+        # blocks it saw allocated in an earlier session) without their allocations: collect it first.
+        gc.collect()
         self._profiler.__enter__()
         return self
 
