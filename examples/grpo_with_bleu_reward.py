@@ -2,7 +2,7 @@
 
     python examples/grpo_with_bleu_reward.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
         --use_peft --lora_target_modules all-linear --learning_rate 1e-5 --num_generations 8 \
-        --per_device_train_batch_size 8 --max_completion_length 128 --bf16 --output_dir Qwen2.5-0.5B-GRPO-wmt16
+        --per_device_train_batch_size 8 --max_completion_length 128 --bf16 true --output_dir Qwen2.5-0.5B-GRPO-wmt16
 
 `trl_gae_ext.rewards` are plain TRL reward functions, so the same `BleuReward()` (or `get_reward("chrf")`, ...) that
 drives `PPOTrainer` drives `GRPOTrainer` and `RLOOTrainer` unchanged: compare PPO + GAE with GRPO on one task by

@@ -33,6 +33,17 @@ def tiny_model_dir(tokenizer, tmp_path_factory):
     return str(path)
 
 
+def offline_args(tmp_path, **fields):
+    """`PPOConfig` for a test run: offline, on the CPU, no checkpoints, no progress bar, seed 0; `fields` set the rest
+    (and may override these)."""
+    from trl_gae_ext import PPOConfig
+
+    base = dict(
+        output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0
+    )
+    return PPOConfig(**{**base, **fields})
+
+
 def make_prompts(n: int, conversational: bool = False):
     prompts = [f"say a word : {WORDS[i % len(WORDS)]}" for i in range(n)]
     if conversational:

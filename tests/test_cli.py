@@ -199,11 +199,12 @@ def test_ppo_on_a_local_model_and_jsonl_trains_two_iterations(tiny_model_dir, tm
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy was updated
-    assert (out / "critic" / "value_head.pt").is_file()
+    assert (out / "critic" / "value_head.safetensors").is_file()
 
 
 def test_console_script_runs_a_yaml_config(tiny_model_dir, tmp_path):
-    exe = shutil.which("trl-gae")
+    # the script of the interpreter running the tests (CI's second environment has its own), else the one on PATH
+    exe = shutil.which("trl-gae", path=os.path.dirname(sys.executable)) or shutil.which("trl-gae")
     assert exe is not None, "the trl-gae console script is not installed (pip install -e .)"
     data = _write_jsonl(tmp_path / "train.jsonl", _rows())
     flags = _tiny_run_flags(tiny_model_dir, str(data), str(tmp_path / "out"))

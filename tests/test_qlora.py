@@ -93,7 +93,9 @@ def test_save_and_reload_policy_and_critic(trained, tiny_model_dir):
     ids = torch.tensor([[11, 12, 13, 14]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, trainer.model.policy(ids).logits, rtol=1e-5, atol=1e-5)
-    assert (out / "critic" / "adapter_model.safetensors").exists() and (out / "critic" / "value_head.pt").exists()
+    assert (out / "critic" / "adapter_model.safetensors").exists() and (
+        out / "critic" / "value_head.safetensors"
+    ).exists()
     fresh = make_trainer(tmp_path / "fresh", tiny_model_dir)
     fresh.model.load_critic(str(out))
     a = {n: p for n, p in trainer.model.named_parameters() if ".critic." in n or n.startswith("value_head.")}

@@ -5,12 +5,12 @@ import logging
 
 import pytest
 import torch
-from conftest import make_prompts
+from conftest import make_prompts, offline_args
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
-from trl_gae_ext import AdaptiveKLCallback, LambdaScheduleCallback, PPOConfig, PPOTrainer
+from trl_gae_ext import AdaptiveKLCallback, LambdaScheduleCallback, PPOTrainer
 from trl_gae_ext.tiny import build_tiny_model
 
 
@@ -30,24 +30,9 @@ def _alpha_id(tokenizer):
 
 def make_args(tmp_path, **overrides):
     defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_mini_batches=2,
-        num_ppo_epochs=2,
-        response_length=5,
-        learning_rate=3e-3,
-        total_episodes=16,
-        kl_coef=0.05,
-        temperature=1.0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    defaults.update(overrides)
-    return PPOConfig(**defaults)
+        per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=2, response_length=5, learning_rate=3e-3, total_episodes=16, kl_coef=0.05, temperature=1.0, logging_steps=1,
+    )  # fmt: skip
+    return offline_args(tmp_path, **{**defaults, **overrides})
 
 
 def make_model(tokenizer, seed=0):
@@ -402,11 +387,6 @@ def test_without_a_stop_token_responses_run_past_eos_to_the_full_length(tmp_path
     assert wrapper.policy.generation_config.eos_token_id == tokenizer.eos_token_id  # restored after the call
     trainer.train()
     assert trainer._rollout.response_mask.all()  # every sampled token is an action
-
-
-def test_save_steps_must_fall_between_rollouts(tmp_path):
-    with pytest.raises(ValueError, match="multiple of the optimizer steps per rollout"):
-        make_args(tmp_path, save_strategy="steps", save_steps=3)
 
 
 def test_async_rewards_and_a_reward_model_without_saved_tokenizer(tmp_path, tokenizer, caplog):

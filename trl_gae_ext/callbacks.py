@@ -82,10 +82,22 @@ class NonFiniteUpdateGuard(TrainerCallback):
     Runs after clipping and before `optimizer.step()`; setting every gradient to None makes torch optimizers skip
     the parameters entirely (no moment update either). In DDP the gradients are already all-reduced, so every
     process sees the same non-finite values and skips together.
+
+    It also counts the non-finite micro-batch losses the trainer reports (`count_nonfinite_loss`) between two logs:
+    the `Trainer`'s `logging_nan_inf_filter` replaces them in the logged `loss`, so they would go unseen.
     """
 
     def __init__(self):
         self.skipped = 0
+        self.nonfinite_losses = 0
+
+    def count_nonfinite_loss(self) -> None:
+        self.nonfinite_losses += 1
+
+    def take_nonfinite_losses(self) -> int:
+        """The count since the previous call (one logging window), reset to 0."""
+        count, self.nonfinite_losses = self.nonfinite_losses, 0
+        return count
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:
@@ -123,3 +135,54 @@ class IterationProgressCallback(ProgressCallback):
         if state.is_world_process_zero and self.training_bar is not None:
             score, kl = stats["objective/scores"], stats["objective/kl"]
             self.training_bar.set_postfix(score=f"{score:.3g}", kl=f"{kl:.3g}", refresh=False)
+
+
+class RolloutBoundaryCallback(TrainerCallback):
+    """Moves the `Trainer`'s checkpoints and evaluations to the end of the PPO iteration they fall in.
+
+    A checkpoint written in the middle of an iteration cannot be resumed exactly: the rollout being trained on is not
+    in it, so the resumed run collects a new one from the half-updated policy. The `Trainer` asks for a save at every
+    multiple of `save_steps` (also when given as a ratio of `max_steps`), at epoch ends and at the last step, none of
+    which need fall on a multiple of `steps_per_rollout`. Running after `DefaultFlowCallback` (the trainer adds it
+    last), this callback holds such a request back until the iteration's last optimizer step, where it is carried
+    out: users never have to make `save_steps` a multiple of `num_ppo_epochs x num_mini_batches`. Evaluations are
+    held back the same way, so `save_strategy="best"` (which saves right after an evaluation) stays on boundaries.
+    The first deferral is logged once.
+    """
+
+    def __init__(self):
+        self.pending_save = self.pending_evaluate = self.told = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.pending_save = self.pending_evaluate = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._align(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._align(args, state, control)
+
+    def _align(self, args, state, control):
+        step, per_rollout = state.global_step, args.steps_per_rollout
+        if step % per_rollout == 0:
+            control.should_save |= self.pending_save
+            control.should_evaluate |= self.pending_evaluate
+            self.pending_save = self.pending_evaluate = False
+            return control
+        if (control.should_save or control.should_evaluate) and not self.told:
+            what = " and ".join(
+                n for n, f in (("checkpoint", control.should_save), ("evaluation", control.should_evaluate)) if f
+            )
+            logger.warning(
+                "The %s due at step %d waits for step %d, the end of its PPO iteration (%d optimizer steps each): "
+                "checkpoints and evaluations happen between iterations, so that resuming reproduces the run.",
+                what,
+                step,
+                step + per_rollout - step % per_rollout,
+                per_rollout,
+            )
+            self.told = True
+        self.pending_save |= control.should_save
+        self.pending_evaluate |= control.should_evaluate
+        control.should_save = control.should_evaluate = False
+        return control

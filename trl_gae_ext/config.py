@@ -72,6 +72,13 @@ class PPOConfig(TrainingArguments):
     # Parameters whose default values are overridden from TrainingArguments
     learning_rate: float = field(default=3e-6, metadata={"help": "The initial learning rate for AdamW."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
+    save_steps: float = field(
+        default=500,
+        metadata={
+            "help": "Save a checkpoint every X optimizer steps (a ratio of max_steps if < 1). A save due in the middle "
+            "of a PPO iteration waits for the iteration's last step, so any value works and resuming is exact."
+        },
+    )
     restore_callback_states_from_checkpoint: bool = field(
         default=True,
         metadata={"help": "Restore stateful callbacks (e.g. the adaptive KL coefficient) when resuming."},
@@ -142,7 +149,10 @@ class PPOConfig(TrainingArguments):
     entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus in the policy loss."})
     loss_aggregation: str = field(
         default="token_mean",
-        metadata={"help": "'token_mean' (mean over all valid tokens) or 'seq_mean' (per sequence, then mean)."},
+        metadata={
+            "help": "'token_mean' (mean over all valid tokens of the minibatch) or 'seq_mean' (per sequence, then "
+            "mean over the minibatch's sequences); the same whatever gradient_accumulation_steps splits it into."
+        },
     )
     advantage_level: str = field(
         default="token",
@@ -262,12 +272,6 @@ class PPOConfig(TrainingArguments):
         if self.critic_warmup_steps > 0 and self.ddp_find_unused_parameters is None:
             # the policy gets no gradient during warm-up, which DDP must be told about
             self.ddp_find_unused_parameters = True
-        if self.save_strategy == "steps" and self.save_steps >= 1 and int(self.save_steps) % self.steps_per_rollout:
-            raise ValueError(
-                f"`save_steps={self.save_steps}` must be a multiple of the optimizer steps per rollout "
-                f"(num_ppo_epochs x num_mini_batches = {self.steps_per_rollout}), so checkpoints fall between "
-                "rollouts and resuming reproduces the uninterrupted run."
-            )
 
     @property
     def steps_per_rollout(self) -> int:

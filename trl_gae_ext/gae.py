@@ -394,14 +394,52 @@ def _safe_mean(x: torch.Tensor, weights: torch.Tensor, dim: int | None = None) -
     return (x * weights).sum(dim) / weights.sum(dim).clamp(min=1.0)
 
 
-def _aggregate(per_token: torch.Tensor, valid: torch.Tensor, loss_aggregation: str) -> torch.Tensor:
-    """token_mean: sum over valid tokens / number of valid tokens (long rows weigh more, as in TRL 1.12 / DAPO).
-    seq_mean: mean over each row's valid tokens, then mean over rows with at least one valid token."""
+def _normalised_sum(x: torch.Tensor, weights: torch.Tensor, count: float | None) -> torch.Tensor:
+    """`sum(x * weights) / count`; `count` defaults to `weights.sum()` (0 for an empty selection, not nan)."""
+    if count is None:
+        return _safe_mean(x, weights)
+    if not count > 0:
+        raise ValueError(f"A loss normaliser must be > 0, got {count}.")
+    return (x * weights).sum() / count
+
+
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_aggregation: str = "token_mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar over the valid tokens of a ragged batch.
+
+    - `token_mean`: sum over valid tokens / `num_tokens` (every token weighs the same, long rows weigh more; TRL
+      1.12, DAPO arXiv:2503.14476 sec. 3.3).
+    - `seq_mean`: each row's mean over its valid tokens, summed over rows / `num_seqs` (every response weighs the same).
+
+    `num_tokens` / `num_seqs` default to this batch's own counts (valid tokens; rows with at least one valid token),
+    which makes the result the plain mean. When the batch is one micro-batch of a minibatch trained with gradient
+    accumulation, pass the **minibatch's** counts: the micro-batch losses then add up to the minibatch's mean, so the
+    accumulated gradient does not depend on how the minibatch is split (normalising each micro-batch by its own count
+    weighs a token by the inverse of its micro-batch's length). An empty batch gives 0, not nan.
+
+    Args:
+        per_token: Shape: `[B, T]`; entries under a zero mask are ignored even when nan/inf.
+        mask: Shape: `[B, T]`, non-zero on valid tokens.
+        loss_aggregation: one of `LOSS_AGGREGATIONS`.
+        num_tokens: normaliser of `token_mean` (> 0), or None for this batch's valid-token count.
+        num_seqs: normaliser of `seq_mean` (> 0), or None for this batch's count of non-empty rows.
+
+    Returns:
+        Scalar, differentiable where `per_token` is.
+    """
+    _check_choice(loss_aggregation, LOSS_AGGREGATIONS, "loss_aggregation")
+    valid = mask != 0
+    per_token = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    weights = valid.to(per_token.dtype)
     if loss_aggregation == "token_mean":
-        return _safe_mean(per_token, valid)
-    row_loss = _safe_mean(per_token, valid, dim=-1)
-    has_tokens = (valid.sum(-1) > 0).to(per_token.dtype)
-    return _safe_mean(row_loss, has_tokens)
+        return _normalised_sum(per_token, weights, num_tokens)
+    row_loss = _safe_mean(per_token, weights, dim=-1)
+    return _normalised_sum(row_loss, (weights.sum(-1) > 0).to(per_token.dtype), num_seqs)
 
 
 def _clipped_surrogate(
@@ -427,6 +465,8 @@ def policy_loss(
     dual_clip: float | None = None,
     ratio_level: str = "token",
     loss_aggregation: str = "token_mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped-surrogate policy loss, token-level (default) or sequence-level (GSPO).
 
@@ -434,8 +474,8 @@ def policy_loss(
       `max(-A_t * rho_t, -A_t * clip(rho_t, 1-eps, 1+eps))`, aggregated by `loss_aggregation`.
     - `ratio_level="sequence"` (GSPO, Zheng et al. 2025, arXiv:2507.18071): one length-normalised ratio per row,
       `s = exp(mean_t(logp_t - old_logp_t))` (the geometric mean of the token ratios), one advantage per row, and
-      the same clipped loss per row, averaged over rows with at least one valid token (`loss_aggregation` does
-      not apply). This is the sequence-level form `A(x, y) = R - V(x)` of the design notes.
+      the same clipped loss per row, summed over rows with at least one valid token / `num_seqs`
+      (`loss_aggregation` does not apply). This is the sequence-level form `A(x, y) = R - V(x)` of the design notes.
     - `dual_clip=c` (c > 1, Ye et al. 2020): for A < 0 the loss is additionally bounded by `-c * A`, so a huge
       ratio on a negative-advantage token cannot dominate the update.
 
@@ -451,6 +491,8 @@ def policy_loss(
         dual_clip: None, or the constant c > 1.
         ratio_level: one of `RATIO_LEVELS`.
         loss_aggregation: one of `LOSS_AGGREGATIONS`.
+        num_tokens, num_seqs: normalisers of the loss, see `aggregate_loss` (None: this batch's own counts, the
+            plain mean; a micro-batch passes its minibatch's counts). The statistics are always this batch's means.
 
     Returns:
         `PolicyLossOutput(loss, clipfrac, approx_kl, ratio_mean, ratio_var)`; `loss` is a differentiable scalar,
@@ -489,7 +531,7 @@ def policy_loss(
         advantages = torch.where(valid, advantages, zero)
         ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
         per_token, was_clipped = _clipped_surrogate(ratio, advantages, cliprange, dual_clip)
-        loss = _aggregate(per_token, valid, loss_aggregation)
+        loss = aggregate_loss(per_token, valid, loss_aggregation, num_tokens, num_seqs)
         stat_weights = weights
     else:
         if advantages.dim() == 2:
@@ -499,7 +541,7 @@ def policy_loss(
         ratio = torch.exp(seq_log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
         advantages = torch.where(stat_weights > 0, advantages, zero)
         per_row, was_clipped = _clipped_surrogate(ratio, advantages, cliprange, dual_clip)
-        loss = _safe_mean(per_row, stat_weights)
+        loss = _normalised_sum(per_row, stat_weights, num_seqs)
 
     with torch.no_grad():
         clipfrac = _safe_mean(was_clipped.to(dtype), stat_weights)
@@ -517,6 +559,8 @@ def value_loss(
     mask: torch.Tensor,
     cliprange_value: float | None = None,
     loss_aggregation: str = "token_mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
 ) -> ValueLossOutput:
     """Clipped value loss `0.5 * agg(max((V - G)^2, (clip(V, V_old - c, V_old + c) - G)^2))`.
 
@@ -530,7 +574,8 @@ def value_loss(
         returns: Shape: `[B, T]`, critic targets G (e.g. from `compute_gae`).
         mask: Shape: `[B, T]`, non-zero on valid tokens.
         cliprange_value: clip range c of the value prediction around `old_values`.
-        loss_aggregation: one of `LOSS_AGGREGATIONS` (see `policy_loss`).
+        loss_aggregation: one of `LOSS_AGGREGATIONS` (see `aggregate_loss`).
+        num_tokens, num_seqs: normalisers of the loss, see `aggregate_loss` (None: this batch's own counts).
 
     Returns:
         `ValueLossOutput(loss, clipfrac)`: differentiable scalar loss, detached scalar clip fraction.
@@ -557,7 +602,7 @@ def value_loss(
         error_clipped = (v_clipped - target) ** 2
         per_token = torch.maximum(error, error_clipped)
         was_clipped = error_clipped > error
-    loss = 0.5 * _aggregate(per_token, valid, loss_aggregation)
+    loss = 0.5 * aggregate_loss(per_token, valid, loss_aggregation, num_tokens, num_seqs)
     with torch.no_grad():
         clipfrac = _safe_mean(was_clipped.to(dtype), valid.to(dtype))
     return ValueLossOutput(loss, clipfrac)
@@ -566,6 +611,11 @@ def value_loss(
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`1 - Var[G - V] / Var[G]` over valid tokens: 1 for a perfect critic, 0 for one that predicts the mean,
     negative for one worse than that; nan when `Var[G]` is 0 (undefined).
+
+    `Var[G]` counts as 0 when the spread of G is within rounding error: returns that are equal in exact arithmetic
+    (one score for every response and no KL gives `G_t = R` everywhere) come out of GAE a few ulps apart, and
+    dividing by that variance would give values like -3e14. GAE builds G in up to T steps from quantities the size
+    of G and V, so a standard deviation below `T * eps * max|G, V|` (eps of the compute dtype) is taken as 0.
 
     Args:
         values: Shape: `[B, T]`, critic predictions V.
@@ -580,5 +630,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     returns = returns.detach().to(dtype)
     var_returns = masked_var(returns, mask, unbiased=False)
     var_residual = masked_var(returns - values, mask, unbiased=False)
+    scale = torch.where(mask != 0, torch.maximum(returns.abs(), values.abs()), 0.0).amax()
+    rounding = returns.shape[-1] * torch.finfo(dtype).eps * scale
     nan = torch.full((), float("nan"), dtype=dtype, device=values.device)
-    return torch.where(var_returns > 0, 1.0 - var_residual / var_returns, nan)
+    return torch.where(var_returns > rounding**2, 1.0 - var_residual / var_returns, nan)

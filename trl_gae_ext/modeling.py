@@ -3,9 +3,12 @@
 Critic layouts (`PPOConfig.value_head`):
 - `shared`: the value head reads the policy's last hidden state; one forward gives logits and values.
 - `adapter`: the policy is a `PeftModel`; a second LoRA adapter named `critic` on the same base gives the critic's
-  hidden states. The reference policy is the same base with adapters disabled, so one copy of the base weights
-  serves all three roles (the point of the 4-bit QLoRA setup).
+  hidden states, so one copy of the base weights serves policy, critic and reference (the point of the 4-bit QLoRA
+  setup).
 - `separate`: the critic is its own backbone (a `value_model`, or a copy of the policy's initial weights).
+
+The reference policy of a PEFT policy is a frozen adapter named `ref`, a copy of the policy adapter as training
+starts (`qlora.attach_adapters`); any other policy gets a frozen copy of the model (`ref_model`).
 
 `PolicyValueModel.forward` computes whatever the PPO step needs in one call, so DDP sees a single forward.
 """
@@ -14,12 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 from transformers import PreTrainedModel
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax, use_adapter
 
@@ -27,6 +27,7 @@ from .value_head import ValueHead
 
 
 CRITIC_ADAPTER = "critic"
+REF_ADAPTER = "ref"
 CRITIC_DIR = "critic"
 
 
@@ -68,12 +69,60 @@ def adapter_active(model, name: str | None):
     """Switch the active PEFT adapter (None disables all) without changing which parameters train: PEFT's
     `set_adapter` marks only the active adapter trainable, but both adapters learn in the same optimizer step."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    with use_adapter(model, name):
+    try:
+        with use_adapter(model, name):
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            yield
+    finally:  # also when an exception leaves the block: checkpoint's early stop ends a recompute with one
         for p, flag in flags:
             p.requires_grad_(flag)
-        yield
-    for p, flag in flags:
-        p.requires_grad_(flag)
+
+
+class _RecomputeWithAdapter:
+    """Recompute context of one checkpointed layer: re-activates the PEFT adapter that was active when the layer ran
+    forward, entered only if another one is active now. Reusable, since a second backward recomputes again."""
+
+    def __init__(self, model, adapter: str, inner=None):
+        self.model, self.adapter, self.inner = model, adapter, inner
+        self._stack: list[contextlib.ExitStack] = []
+
+    def __enter__(self):
+        stack = contextlib.ExitStack()
+        if self.inner is not None:
+            stack.enter_context(self.inner)
+        if self.model.active_adapter != self.adapter:
+            stack.enter_context(adapter_active(self.model, self.adapter))
+        self._stack.append(stack)
+
+    def __exit__(self, *exc):
+        return self._stack.pop().__exit__(*exc)
+
+
+def adapter_checkpoint_kwargs(policy, kwargs: dict | None) -> dict:
+    """`torch.utils.checkpoint` kwargs for a PEFT policy whose adapters switch between forwards (`adapter` layout).
+
+    Backward recomputes a checkpointed layer after the forward's `adapter_active` has exited, so the critic's layers
+    would be recomputed with the policy adapter and the critic LoRA would learn from the wrong activations. The
+    non-reentrant checkpoint calls `context_fn` at forward time: its recompute context re-activates the adapter of
+    that forward. A user's own `context_fn` is kept, its recompute context entered first.
+    """
+    kwargs = dict(kwargs or {})
+    if kwargs.get("use_reentrant", False):
+        raise ValueError(
+            "value_head='adapter' with gradient checkpointing needs non-reentrant checkpointing (reentrant "
+            "checkpointing cannot recompute the critic's layers with the critic adapter active): drop "
+            "`use_reentrant=True` from `gradient_checkpointing_kwargs`, or use value_head='shared' or 'separate'."
+        )
+    user_context_fn = kwargs.get("context_fn")
+
+    def context_fn():
+        forward_ctx, recompute_ctx = user_context_fn() if user_context_fn is not None else (None, None)
+        recompute = _RecomputeWithAdapter(policy, policy.active_adapter, inner=recompute_ctx)
+        return forward_ctx if forward_ctx is not None else contextlib.nullcontext(), recompute
+
+    kwargs.update(use_reentrant=False, context_fn=context_fn)
+    return kwargs
 
 
 def freeze_all_but_last_layers(model: PreTrainedModel, num_layers: int) -> None:
@@ -121,8 +170,12 @@ class PolicyValueModel(nn.Module):
         compute_entropy: bool = False,
         entropy_grad: bool = False,
         values_past_end: bool = False,
+        train_policy: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Log-probs, entropies and values of the last `num_response_tokens` tokens.
+
+        `train_policy=False` (critic warm-up) lets no gradient reach the policy: in the `shared` layout the backbone
+        then runs without gradients and only the value head learns.
 
         Shape:
             input_ids, attention_mask: `[B, P + R]`, prompt left-padded, response right-padded.
@@ -152,7 +205,12 @@ class PolicyValueModel(nn.Module):
                 hidden = result.hidden_states[-1]
         if compute_values:
             if hidden is None:
-                hidden = self._critic_hidden(input_ids, attention_mask, position_ids)
+                # the shared backbone is the policy: values that must not train it read it without gradients
+                frozen = self.layout == "shared" and not train_policy
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                    hidden = self._critic_hidden(input_ids, attention_mask, position_ids)
+            elif not train_policy:
+                hidden = hidden.detach()
             keep = r + 1 if values_past_end else r
             start = hidden.shape[1] - r - 1
             out["values"] = self.value_head(hidden[:, start : start + keep])
@@ -167,13 +225,20 @@ class PolicyValueModel(nn.Module):
                 return backbone_of(self.policy)(**kwargs).last_hidden_state
         return backbone_of(self.policy)(**kwargs).last_hidden_state  # shared, values only
 
+    @property
+    def has_reference_adapter(self) -> bool:
+        return is_peft_model(self.policy) and REF_ADAPTER in self.policy.peft_config
+
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, num_response_tokens, temperature=1.0, ref_model=None):
-        """Log-probs under the reference policy: `ref_model` if given, else the PEFT base with adapters disabled."""
+        """Log-probs under the reference policy: `ref_model` if given, else the PEFT policy's frozen `ref` adapter."""
         if ref_model is None:
-            if not is_peft_model(self.policy):
-                raise ValueError("A reference model is needed when the policy is not a PEFT model.")
-            with adapter_active(self.policy, None):
+            if not self.has_reference_adapter:
+                raise ValueError(
+                    "No reference policy: pass `ref_model`, or give a PEFT policy its `ref` adapter "
+                    "(`qlora.attach_adapters(..., with_reference=True)`)."
+                )
+            with adapter_active(self.policy, REF_ADAPTER):
                 return self.forward(input_ids, attention_mask, num_response_tokens, temperature, compute_values=False)[
                     "logprobs"
                 ]
@@ -193,6 +258,8 @@ class PolicyValueModel(nn.Module):
         self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
     ):
         kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
+        if self.layout == "adapter":
+            kwargs = adapter_checkpoint_kwargs(self.policy, kwargs)
         for model in (self.policy, self.critic):
             if model is None:
                 continue
@@ -206,49 +273,18 @@ class PolicyValueModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor that training changes: trainable parameters of policy and critic, and the value head."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {n: t.detach().contiguous() for n, t in self.state_dict().items() if n in names}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # checkpoints hold only `trainable_state_dict()`: frozen weights are not "missing"
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        trainable = set(self.trainable_state_dict())
-        missing = [k for k in result.missing_keys if k in trainable]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"Missing keys {missing}, unexpected keys {result.unexpected_keys}.")
-        return _IncompatibleKeys(missing, result.unexpected_keys)
-
     def save_pretrained(self, output_dir: str) -> None:
-        """Write the policy at `output_dir` (a PEFT adapter or a full model, loadable with `from_pretrained`) and the
-        critic under `output_dir/critic/` (its adapter or backbone, plus the value head)."""
-        os.makedirs(output_dir, exist_ok=True)
-        critic_dir = os.path.join(output_dir, CRITIC_DIR)
-        # a PeftModel writes the default adapter at the top and the `critic` adapter in `critic/`
-        self.policy.save_pretrained(output_dir)
-        os.makedirs(critic_dir, exist_ok=True)
-        if self.critic is not None:
-            self.critic.save_pretrained(critic_dir)
-        head_state = {k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()}
-        torch.save(head_state, os.path.join(critic_dir, "value_head.pt"))
-        with open(os.path.join(critic_dir, "critic_layout.json"), "w") as f:
-            json.dump({"layout": self.layout, "head": type(self.value_head).__name__}, f)
+        """Write the policy at `output_dir` (its PEFT adapter or the full model, loadable with `from_pretrained`) and
+        the critic under `output_dir/critic/`; see `saving` for the layout."""
+        from .saving import save_pretrained
+
+        save_pretrained(self, output_dir)
 
     def load_critic(self, input_dir: str) -> None:
         """Reload the critic written by `save_pretrained` (to continue training from a saved model)."""
-        critic_dir = os.path.join(input_dir, CRITIC_DIR)
-        state = torch.load(os.path.join(critic_dir, "value_head.pt"), map_location="cpu", weights_only=True)
-        self.value_head.load_state_dict(state)
-        if self.layout == "adapter":
-            from peft import set_peft_model_state_dict
-            from peft.utils import load_peft_weights
+        from .saving import load_critic
 
-            weights = load_peft_weights(os.path.join(input_dir, CRITIC_ADAPTER))
-            set_peft_model_state_dict(self.policy, weights, adapter_name=CRITIC_ADAPTER)
-        elif self.layout == "separate":
-            loaded = type(self.critic).from_pretrained(critic_dir)
-            self.critic.load_state_dict(loaded.state_dict())
+        load_critic(self, input_dir)
 
 
 def build_value_head(args, hidden_size: int) -> ValueHead:

@@ -1,7 +1,8 @@
 """Loading the policy, optionally in 4 bits, and putting the policy and critic LoRA adapters on one shared base.
 
 One quantized base serves three roles: the policy (PEFT's `default` adapter), the critic (a `critic` adapter plus
-an fp32 value head) and the reference policy (adapters disabled). bitsandbytes is imported only when 4-bit is used.
+an fp32 value head) and the reference policy (a frozen `ref` adapter, the policy adapter as training starts).
+bitsandbytes is imported only when 4-bit is used.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl.trainer.utils import create_model_from_path
 
-from .modeling import CRITIC_ADAPTER
+from .modeling import CRITIC_ADAPTER, REF_ADAPTER
 
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,44 @@ def load_policy(model, args, quantization_config=None) -> PreTrainedModel:
     if is_quantized(model) and not getattr(model, "_hf_peft_config_loaded", False):
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False},
-        )
+        # checkpointing is left to `PolicyValueModel.activation_checkpointing_enable`, which the Trainer calls: it
+        # sets the checkpoint kwargs the critic layout needs
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def _extra_adapter_config(config):
+    """The config of a second adapter on a base that already carries the policy adapter. Inits computed from the base
+    weights (PiSSA, OLoRA, CorDA, LoftQ, ...) rewrite those weights, which the policy adapter was fitted to, so the
+    second adapter starts with PEFT's default init instead (only "gaussian" and "orthogonal" leave the base alone)."""
+    config = copy.deepcopy(config)
+    config.inference_mode = False
+    init = getattr(config, "init_lora_weights", None)
+    if isinstance(init, str) and init not in ("gaussian", "orthogonal"):
+        config.init_lora_weights = True
+    return config
+
+
+def _add_reference_adapter(model) -> None:
+    """A frozen copy of the policy adapter as training starts, named `ref`: the reference policy. A loaded adapter (an
+    SFT LoRA) or a non-identity init (PiSSA, `init_lora_weights=False`) makes the base with adapters disabled a
+    different policy; this copy also works on a quantized base, where merging is impossible."""
+    policy_adapter = model.active_adapter
+    if REF_ADAPTER not in model.peft_config:
+        # Older PEFT (0.18) marks every adapter but the active one frozen in add_adapter: keep the caller's flags.
+        trainable = [(p, p.requires_grad) for p in model.parameters()]
+        model.add_adapter(REF_ADAPTER, _extra_adapter_config(model.peft_config[policy_adapter]))
+        for param, flag in trainable:
+            param.requires_grad_(flag)
+    params = dict(model.named_parameters())
+    tag = f".{policy_adapter}."
+    with torch.no_grad():
+        for name, param in params.items():
+            if tag in name:
+                params[name.replace(tag, f".{REF_ADAPTER}.")].copy_(param)
+    for name, param in params.items():
+        if f".{REF_ADAPTER}." in name:
+            param.requires_grad_(False)
 
 
 def require_bitsandbytes() -> None:
@@ -70,11 +103,12 @@ def require_bitsandbytes() -> None:
         ) from err
 
 
-def attach_adapters(model, peft_config, with_critic: bool):
-    """Wrap `model` with the policy LoRA adapter and, for the `adapter` layout, a second `critic` adapter.
+def attach_adapters(model, peft_config, with_critic: bool, with_reference: bool = False):
+    """Wrap `model` with the policy LoRA adapter and, for the `adapter` layout, a second `critic` adapter; with
+    `with_reference`, a frozen `ref` adapter that copies the policy adapter (the reference policy).
 
-    Both adapters train together: PEFT marks only the active adapter trainable, so every LoRA parameter is set
-    trainable explicitly.
+    Policy and critic adapters train together: PEFT marks only the active adapter trainable, so every LoRA parameter
+    but the reference's is set trainable explicitly.
     """
     from peft import PeftModel, get_peft_model
 
@@ -83,12 +117,14 @@ def attach_adapters(model, peft_config, with_critic: bool):
             return model
         model = get_peft_model(model, peft_config)
     if with_critic and CRITIC_ADAPTER not in model.peft_config:
-        critic_config = copy.deepcopy(peft_config or model.peft_config[model.active_adapter])
-        critic_config.inference_mode = False
-        model.add_adapter(CRITIC_ADAPTER, critic_config)
+        model.add_adapter(
+            CRITIC_ADAPTER, _extra_adapter_config(peft_config or model.peft_config[model.active_adapter])
+        )
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
+    if with_reference:
+        _add_reference_adapter(model)
     return model
 
 

@@ -101,3 +101,15 @@ def minibatch_plan(
     expected = num_epochs * batch_size // micro_batch_size
     assert len(plan) == expected and batch_size % (num_mini_batches * micro_batch_size) == 0
     return plan
+
+
+def minibatch_counts(response_mask: torch.Tensor, plan: list[torch.Tensor], micro_batches: int) -> torch.Tensor:
+    """Valid tokens and non-empty rows of every minibatch of `plan` (each run of `micro_batches` consecutive
+    micro-batches), the normalisers of the minibatch's token and sequence means (`gae.aggregate_loss`).
+
+    Shape:
+        response_mask: `[B, R]`; returns `[len(plan) // micro_batches, 2]` float64, columns (tokens, sequences).
+    """
+    per_row = torch.stack([response_mask.sum(1), (response_mask.sum(1) > 0).to(response_mask.dtype)], dim=1)
+    per_micro = torch.stack([per_row[indices].sum(0) for indices in plan]).double()
+    return per_micro.view(-1, micro_batches, 2).sum(1)

@@ -18,9 +18,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from typing import Any
 
-import safetensors.torch
 import torch
 from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
@@ -33,15 +31,19 @@ from transformers import (
     enable_full_determinism,
     set_seed,
 )
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
-from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.trainer_utils import HubStrategy
 from trl.data_utils import is_conversational, maybe_apply_chat_template
-from trl.trainer.utils import disable_dropout_in_model, identity, pad, print_prompt_completions_sample
+from trl.trainer.utils import identity, pad, print_prompt_completions_sample
 
-from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard
+from . import saving
+from .callbacks import AdaptiveKLCallback, IterationProgressCallback, NonFiniteUpdateGuard, RolloutBoundaryCallback
 from .config import PPOConfig
+from .dropout import disable_dropout
 from .gae import (
     adaptive_lambda,
+    aggregate_loss,
     compute_decoupled_gae,
     compute_gae,
     explained_variance,
@@ -51,9 +53,16 @@ from .gae import (
     policy_loss,
     value_loss,
 )
-from .modeling import PolicyValueModel, build_critic, freeze_all_but_last_layers, is_peft_model
+from .generation import build_generation_config, generating_with
+from .modeling import (
+    PolicyValueModel,
+    adapter_checkpoint_kwargs,
+    build_critic,
+    freeze_all_but_last_layers,
+    is_peft_model,
+)
 from .qlora import attach_adapters, is_quantized, load_policy, model_init_kwargs
-from .rollout import Rollout, RolloutSampler, minibatch_plan, truncate_at_stop
+from .rollout import Rollout, RolloutSampler, minibatch_counts, minibatch_plan, truncate_at_stop
 from .scoring import RewardScorer, check_reward_columns, load_reward_funcs
 
 
@@ -105,6 +114,9 @@ class PPOTrainer(Trainer):
     """
 
     _tag_names = ["trl", "ppo", "gae", "trl-gae-ext"]
+    # `compute_loss` divides every micro-batch's loss by its whole minibatch's counts (see `training_step`), so the
+    # `Trainer` must not divide it again by the number of gradient accumulation steps
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -157,11 +169,16 @@ class PPOTrainer(Trainer):
             value_model = AutoModelForSequenceClassification.from_pretrained(
                 value_model, num_labels=1, **model_init_kwargs(args)
             )
-        needs_ref_copy = not (peft_config is not None or is_peft_model(policy)) and (
-            args.kl_coef > 0 or any(isinstance(cb, AdaptiveKLCallback) for cb in callbacks or [])
-        )
+        if layout == "adapter" and args.gradient_checkpointing:
+            adapter_checkpoint_kwargs(policy, args.gradient_checkpointing_kwargs)  # refuses reentrant checkpointing
+        uses_peft = peft_config is not None or is_peft_model(policy)
+        needs_ref = args.kl_coef > 0 or any(isinstance(cb, AdaptiveKLCallback) for cb in callbacks or [])
+        # the reference is the initial policy: a frozen `ref` adapter for PEFT, a frozen copy of the model otherwise
+        needs_ref_copy = needs_ref and not uses_peft
         if needs_ref_copy and is_quantized(policy):
-            raise ValueError("A quantized policy needs a `peft_config`: the reference is its base, adapters off.")
+            raise ValueError(
+                "A quantized policy needs a `peft_config`: its reference is a frozen copy of the adapter."
+            )
         # copies of the initial policy (reference, separate critic) are taken before PEFT or freezing touch it
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if needs_ref_copy else None
         critic, head = build_critic(policy, value_model, layout, args)
@@ -169,11 +186,11 @@ class PPOTrainer(Trainer):
             if peft_config is not None or is_quantized(policy):
                 raise ValueError("`trainable_layers` is for full-precision training; drop it or the peft_config.")
             freeze_all_but_last_layers(policy, args.trainable_layers)
-        if peft_config is not None or is_peft_model(policy):
-            policy = attach_adapters(policy, peft_config, with_critic=layout == "adapter")
+        if uses_peft:
+            policy = attach_adapters(policy, peft_config, with_critic=layout == "adapter", with_reference=needs_ref)
         for m in (policy, critic, ref_model):
             if m is not None:
-                disable_dropout_in_model(m)  # the first PPO epoch must see ratio == 1
+                disable_dropout(m)  # the first PPO epoch must see ratio == 1
         wrapper = PolicyValueModel(policy, head, layout, critic)
 
         super().__init__(
@@ -207,6 +224,18 @@ class PPOTrainer(Trainer):
         if args.total_episodes is not None:
             iterations = math.ceil(args.total_episodes / self.global_rollout_batch_size)
             args.max_steps = iterations * args.steps_per_rollout
+        elif args.max_steps > 0 and args.max_steps % args.steps_per_rollout:
+            # a run that stops mid-iteration would end on a checkpoint that cannot be resumed exactly
+            rounded = math.ceil(args.max_steps / args.steps_per_rollout) * args.steps_per_rollout
+            logger.warning(
+                "max_steps=%d is rounded up to %d, a whole number of PPO iterations (%d optimizer steps each).",
+                args.max_steps,
+                rounded,
+                args.steps_per_rollout,
+            )
+            args.max_steps = rounded
+        # checkpoints and evaluations wait for the end of their PPO iteration (after DefaultFlowCallback asks for them)
+        self.add_callback(RolloutBoundaryCallback())
         self._micro_steps_per_rollout = args.steps_per_rollout * args.gradient_accumulation_steps
         self._micro_step = 0
         self._rollout: Rollout | None = None
@@ -242,23 +271,7 @@ class PPOTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def _generation_config(self, tokenizer, sampling: bool) -> GenerationConfig:
-        args = self.args
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=args.response_length,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=self.stop_token_id,
-            do_sample=sampling,
-        )
-        if sampling:
-            kwargs.update(
-                temperature=args.temperature,
-                top_k=args.top_k or 0,
-                top_p=args.top_p,
-                min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty,
-            )
-        kwargs.update(args.generation_kwargs or {})
-        return GenerationConfig(**kwargs)
+        return build_generation_config(self.args, tokenizer, self.stop_token_id, sampling)
 
     def _tokenize_prompts(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
         conversational = is_conversational({"prompt": prompts[0]})
@@ -281,13 +294,8 @@ class PPOTrainer(Trainer):
         """Sampled responses `[B, R]` (right-padded), generated in chunks with the KV cache."""
         chunk = self.args.local_rollout_forward_batch_size
         responses = []
-        # With no stop token every response runs to `response_length`. `generate` fills an unset eos_token_id from the
-        # model's own generation config, so that one is cleared for the call (and restored after it).
-        own_config = model.policy.generation_config
-        saved_eos = own_config.eos_token_id
-        if config.eos_token_id is None:
-            own_config.eos_token_id = None
-        try:
+        # only `config` applies: nothing is filled in from the checkpoint's own generation config (`generation.py`)
+        with generating_with(model.policy, config):
             for i in range(0, prompt_ids.shape[0], chunk):
                 seq = model.policy.generate(
                     input_ids=prompt_ids[i : i + chunk],
@@ -295,8 +303,6 @@ class PPOTrainer(Trainer):
                     generation_config=config,
                 )
                 responses.extend(seq[:, prompt_ids.shape[1] :])
-        finally:
-            own_config.eos_token_id = saved_eos
         return pad(responses, padding_value=self.processing_class.pad_token_id, padding_side="right")
 
     # -- one PPO iteration: experience -----------------------------------------------------------------------------
@@ -305,7 +311,15 @@ class PPOTrainer(Trainer):
         if k == 0 or self._rollout is None:
             self._rollout = self._make_experience(inputs)
             k = 0
+            # Each micro-batch's loss is normalised by its minibatch's token / sequence counts, so the accumulated
+            # gradient is the minibatch's mean however it is split. Averaged over processes: DDP averages gradients,
+            # so each process dividing by the mean count gives the token mean over every process's minibatch.
+            counts = minibatch_counts(self._rollout.response_mask, self._plan, self.args.gradient_accumulation_steps)
+            self._minibatch_counts = self.accelerator.reduce(counts, reduction="mean").tolist()
         batch = self._rollout.select(self._plan[k])
+        batch["minibatch_tokens"], batch["minibatch_seqs"] = self._minibatch_counts[
+            k // self.args.gradient_accumulation_steps
+        ]
         self._micro_step = (k + 1) % self._micro_steps_per_rollout
         return super().training_step(model, batch, num_items_in_batch)
 
@@ -395,7 +409,7 @@ class PPOTrainer(Trainer):
             values,
             returns,
             advantages,
-            responses,
+            finished,
             gen_time,
             elapsed,
         )
@@ -410,7 +424,7 @@ class PPOTrainer(Trainer):
     def _score_tokens(self, wrapper: PolicyValueModel, input_ids, attention_mask, r: int):
         """Old log-probs `[B, R]`, values `[B, R + 1]` and reference log-probs `[B, R]` (None when unused)."""
         args = self.args
-        need_ref = args.kl_coef > 0 and (self.ref_model is not None or is_peft_model(wrapper.policy))
+        need_ref = args.kl_coef > 0 and (self.ref_model is not None or wrapper.has_reference_adapter)
         chunk = args.local_rollout_forward_batch_size
         logprobs, values, ref = [], [], []
         for i in range(0, input_ids.shape[0], chunk):
@@ -494,7 +508,7 @@ class PPOTrainer(Trainer):
             }
         )
         for key, value in stats.items():
-            if key not in ("episodes",):
+            if key not in ("episodes", "episode"):  # `log` reports the latest `episode`, not a window mean
                 self._metrics[key].append(float(value))
         return stats
 
@@ -506,6 +520,11 @@ class PPOTrainer(Trainer):
         args = self.args
         warmup = self._in_critic_warmup()
         mask = inputs["response_mask"].float()
+        # the minibatch's counts (`training_step`): this micro-batch's terms are its share of the minibatch's means;
+        # without them (a lone batch) they are the batch's own means
+        norm = {"num_tokens": inputs.get("minibatch_tokens"), "num_seqs": inputs.get("minibatch_seqs")}
+        # a share x the micro-batches per minibatch, averaged over the micro-steps, logs the minibatch means
+        to_mean = args.gradient_accumulation_steps if norm["num_tokens"] is not None else 1
         out = model(
             inputs["input_ids"],
             inputs["attention_mask"],
@@ -513,39 +532,42 @@ class PPOTrainer(Trainer):
             temperature=args.temperature,
             compute_policy=not warmup,
             compute_entropy=not warmup,
+            train_policy=not warmup,  # the shared layout's backbone is the policy
             entropy_grad=args.entropy_coef != 0,
         )
-        vf = value_loss(out["values"], inputs["old_values"], inputs["returns"], mask, args.cliprange_value)
+        vf = value_loss(out["values"], inputs["old_values"], inputs["returns"], mask, args.cliprange_value, **norm)
         loss = args.vf_coef * vf.loss
-        self._record({"loss/value_avg": vf.loss, "val/clipfrac_avg": vf.clipfrac})
+        self._record({"loss/value_avg": vf.loss * to_mean, "val/clipfrac_avg": vf.clipfrac})
         if not warmup:
             if args.advantage_level == "sequence":
                 pg = policy_loss(
                     out["logprobs"], inputs["old_logprobs"], inputs["seq_advantages"], mask, args.cliprange,
-                    args.dual_clip, ratio_level="sequence",
+                    args.dual_clip, ratio_level="sequence", **norm,
                 )  # fmt: skip
             else:
                 pg = policy_loss(
                     out["logprobs"], inputs["old_logprobs"], inputs["advantages"], mask, args.cliprange,
-                    args.dual_clip, ratio_level="token", loss_aggregation=args.loss_aggregation,
+                    args.dual_clip, ratio_level="token", loss_aggregation=args.loss_aggregation, **norm,
                 )  # fmt: skip
-            entropy = masked_mean(out["entropy"], mask)
+            entropy = aggregate_loss(out["entropy"], mask, num_tokens=norm["num_tokens"])
             loss = loss + pg.loss - args.entropy_coef * entropy
             if not args.kl_in_reward and "ref_logprobs" in inputs and args.kl_coef > 0:
-                kl = masked_mean(kl_penalty(out["logprobs"], inputs["ref_logprobs"], args.kl_estimator), mask)
+                kl_t = kl_penalty(out["logprobs"], inputs["ref_logprobs"], args.kl_estimator)
+                kl = aggregate_loss(kl_t, mask, num_tokens=norm["num_tokens"])
                 loss = loss + args.kl_coef * kl
-                self._record({"loss/kl_avg": kl})
+                self._record({"loss/kl_avg": kl * to_mean})
             self._record(
                 {
-                    "loss/policy_avg": pg.loss,
+                    "loss/policy_avg": pg.loss * to_mean,
                     "policy/approxkl_avg": pg.approx_kl,
                     "policy/clipfrac_avg": pg.clipfrac,
-                    "policy/entropy_avg": entropy,
+                    "policy/entropy_avg": entropy * to_mean,
                     "val/ratio": pg.ratio_mean,
                     "val/ratio_var": pg.ratio_var,
                 }
             )
         if not torch.isfinite(loss):  # counted by the guard as `ppo/skipped_updates`
+            self.nonfinite_guard.count_nonfinite_loss()
             logger.warning("Non-finite PPO loss at step %d; the update will be skipped.", self.state.global_step)
         return (loss, out) if return_outputs else loss
 
@@ -564,7 +586,12 @@ class PPOTrainer(Trainer):
             )
             logs.update(zip(names, self.accelerator.reduce(local, reduction="mean").tolist()))
             self._metrics.clear()
+            nonfinite = torch.tensor(
+                float(self.nonfinite_guard.take_nonfinite_losses()), device=self.accelerator.device
+            )
+            logs["nonfinite/loss"] = int(self.accelerator.reduce(nonfinite, reduction="sum").item())
             logs["ppo/skipped_updates"] = self.nonfinite_guard.skipped
+            logs["episode"] = self._episodes
         super().log(logs, start_time)
         if self._samples is not None and self.accelerator.is_main_process and self.args.log_completions:
             print_prompt_completions_sample(
@@ -618,20 +645,51 @@ class PPOTrainer(Trainer):
         return metrics
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the policy at `output_dir` (a PEFT adapter or a full model) and the critic under `critic/`.
-
-        Checkpoints (`_internal_call`) hold only the trainable tensors in `model.safetensors`, which the `Trainer`
-        reloads on `resume_from_checkpoint`.
-        """
+        """Save the policy at `output_dir` (a PEFT adapter for `AutoPeftModelForCausalLM`, or a full model for
+        `AutoModelForCausalLM`), the critic under `critic/` (reloaded with `load_critic`) and a model card
+        (`README.md`). Checkpoints (`_internal_call`) hold the same folder. Pushes to the Hub when
+        `args.push_to_hub` and called by the user, as `Trainer.save_model` does."""
         output_dir = output_dir or self.args.output_dir
-        wrapper: PolicyValueModel = self.accelerator.unwrap_model(self.model)
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        if _internal_call:
-            state = {k: v.to("cpu", copy=True) for k, v in wrapper.trainable_state_dict().items()}
-            safetensors.torch.save_file(state, os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
-        else:
-            wrapper.save_pretrained(output_dir)
-        self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if self.args.should_save:
+            wrapper: PolicyValueModel = self.accelerator.unwrap_model(self.model)
+            saving.save_pretrained(wrapper, output_dir)
+            self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            saving.write_model_card(saving.trainer_model_card(self), wrapper.policy, output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def load_critic(self, input_dir: str) -> None:
+        """Load the critic that `save_model` wrote to `input_dir/critic/`, to continue training from a saved model.
+        The trainer must have the same critic layout and head (`value_head*` settings, or the same `value_model`
+        architecture); the policy comes from the `model` argument (the saved folder itself)."""
+        saving.load_critic(self.accelerator.unwrap_model(self.model), input_dir)
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """Write TRL's model card, with the PPO/GAE settings, to `args.output_dir/README.md` (called by
+        `push_to_hub`, which passes its extra keyword arguments here)."""
+        if self.is_world_process_zero():
+            card = saving.trainer_model_card(self, model_name, dataset_name, [tags] if isinstance(tags, str) else tags)
+            saving.write_model_card(card, self.accelerator.unwrap_model(self.model).policy, self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # the weights are in the ordinary layout `save_model` writes, not in a `PolicyValueModel` state dict
+        saving.load_checkpoint(model if model is not None else self.model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        logger.info("Loading the best model from %s.", self.state.best_model_checkpoint)
+        saving.load_checkpoint(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The `Trainer` copies the top-level weight files of the checkpoint to `output_dir` and uploads that folder;
+        # the critic and the model card are copied here, under the same conditions, so each push is complete.
+        args = self.args
+        in_progress = getattr(self, "push_in_progress", None)
+        skipped = not args.hub_always_push and in_progress is not None and not in_progress.is_done()
+        if self.is_world_process_zero() and args.hub_strategy != HubStrategy.END and not skipped:
+            saving.copy_critic_and_card(checkpoint_folder, args.output_dir)
+        super()._push_from_checkpoint(checkpoint_folder)
