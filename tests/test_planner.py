@@ -221,6 +221,7 @@ def test_hand_calculation():
                               logprob_chunk_size=None, device="cpu")  # fmt: skip
     assert est.base_weights == 53360 + 13120 * 4 == 105840
     assert est.adapters == 2 * 8192 * 4 == 65536
+    assert est.reference_adapter == 8192 * 4  # the frozen `ref` copy of the policy adapter (a KL term is on)
     assert est.value_head == 65 * 4 == 260
     assert est.trainable_parameters == 2 * 8192 + 65 == 16449
     assert est.optimizer_states == 16449 * 8 == 131592
@@ -243,7 +244,7 @@ def test_hand_calculation():
     assert est.activations == 2 * 8192 + 16 * 832 + 16 * 3976 + 16 * 480 == 100992
     assert est.training_moments["critic layers backward"] == est.activations + est.logits_saved
     assert est.training_moments["policy log-probs forward"] == 8192 + 16 * (4 * 64 + 4 * 16) + est.logits
-    assert est.phases_allocated["training"] == (est.base_weights + est.adapters + est.value_head
+    assert est.phases_allocated["training"] == (est.base_weights + est.adapters + est.reference_adapter + est.value_head
                                                 + est.optimizer_states + est.dequant_workspace
                                                 + max(est.training_moments.values()))  # fmt: skip
     assert est.peak == max(est.phases.values()) and est.cuda_overhead == 0
@@ -344,7 +345,7 @@ def test_recommended_config_fits_consumer_gpus():
     combined = big.suggestions(24)[-1]
     assert combined.startswith("combined:") and "(fits)" in combined
     assert estimate_ppo_memory(
-        "qwen2.5-32b", **{**kwargs, "micro_batch_size": 1, "rollout_forward_batch_size": 4, "lora_r": 8,
+        "qwen2.5-32b", **{**kwargs, "micro_batch_size": 1, "rollout_forward_batch_size": 4, "lora_r": 4,
                           "optimizer": "adamw_8bit"}
     ).fits(24)  # fmt: skip
 
@@ -384,7 +385,8 @@ def test_hub_alias_falls_back_offline(capsys, monkeypatch):
 def test_report_numbers_are_consistent():
     est = estimate_ppo_memory("qwen2.5-7b", **REF)
     data = json.loads(json.dumps(est.to_dict()))
-    static = sum(data[p] for p in ("base_weights", "adapters", "value_head", "optimizer_states", "dequant_workspace"))
+    parts = ("base_weights", "adapters", "reference_adapter", "value_head", "optimizer_states", "dequant_workspace")
+    static = sum(data[p] for p in parts)
     # one graph's bf16 checkpoints (no fp32 upcast by default): L * 2H bytes per token, micro batch 8 of 768 tokens
     assert data["policy_activations"] == 28 * 2 * 3584 * 8 * 768
     training = static + max(data["training_moments"].values())
@@ -392,3 +394,34 @@ def test_report_numbers_are_consistent():
     assert data["training_peak_at"] == max(data["training_moments"], key=data["training_moments"].get)
     assert est.peak == max(est.phases.values()) and est.peak == est.peak_allocated + est.cuda_overhead
     assert f"{est.peak / GIB:.2f} GiB" in est.format_report(24)
+
+
+@pytest.mark.parametrize("kl_coef", [0.05, 0.0])
+def test_adapters_match_the_trainers_model(tokenizer, tmp_path, kl_coef):
+    """The planner's adapter bytes are those of the LoRA weights `PPOTrainer` creates: policy and critic adapters
+    (trained) and, with a KL term, the frozen `ref` copy of the policy adapter (weights only: no gradient, no optimizer
+    state)."""
+    from conftest import offline_args
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_gae_ext import PPOTrainer
+    from trl_gae_ext.tiny import build_tiny_model
+
+    model = build_tiny_model(tokenizer, hidden_size=32, num_attention_heads=2)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    args = offline_args(tmp_path, value_head="adapter", kl_coef=kl_coef, per_device_train_batch_size=2)
+    trainer = PPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
+                         train_dataset=Dataset.from_dict({"prompt": ["alpha"] * 2}), processing_class=tokenizer,
+                         peft_config=lora)  # fmt: skip
+    lora_params = [(n, p) for n, p in trainer.model.named_parameters() if "lora_" in n]
+    trained = sum(p.numel() * p.element_size() for _, p in lora_params if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for _, p in lora_params if not p.requires_grad)
+    assert (frozen > 0) == (kl_coef > 0)  # the trainer made the `ref` adapter only for the KL term
+    est = estimate_ppo_memory(model.config, batch_size=2, prompt_length=4, response_length=4, lora_r=4,
+                              load_in_4bit=False, dtype="float32", reference_adapter=kl_coef > 0)  # fmt: skip
+    assert est.adapters == trained and est.reference_adapter == frozen
+    head = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) - trained // 4
+    assert est.trainable_parameters == trained // 4 + head  # optimizer states and gradients: trained weights only
+    static = est.base_weights + est.adapters + est.reference_adapter + est.value_head + est.optimizer_states
+    assert est.phases_allocated["scoring"] == static + est.dequant_workspace + est.scoring_workspace

@@ -91,6 +91,7 @@ class PlanSettings:
     kbit_upcast: bool = False
     logprob_chunk_size: int | None = DEFAULT_LOGPROB_CHUNK_SIZE
     device: str = "cuda"
+    reference_adapter: bool = True
 
     @property
     def micro_batch(self) -> int:
@@ -115,6 +116,7 @@ class MemoryEstimate:
     trainable_parameters: int
     base_weights: int
     adapters: int
+    reference_adapter: int  # the frozen `ref` copy of the policy adapter: weights only, no gradients or states
     value_head: int
     optimizer_states: int
     gradients: int
@@ -152,6 +154,7 @@ class MemoryEstimate:
         return [
             (f"base weights ({quant}){copies}", self.base_weights),
             (f"LoRA adapters ({n_adapters} x r={s.lora_r}, fp32)", self.adapters),
+            ("reference adapter ('ref', frozen copy, fp32)", self.reference_adapter),
             ("value head (fp32)", self.value_head),
             (f"optimizer states ({s.optimizer})", self.optimizer_states),
             ("gradients (fp32)", self.gradients),
@@ -195,6 +198,7 @@ def estimate_ppo_memory(
     kbit_upcast: bool = False,
     logprob_chunk_size: int | None = DEFAULT_LOGPROB_CHUNK_SIZE,
     device: str = "cuda",
+    reference_adapter: bool = True,
     model_name: str | None = None,
 ) -> MemoryEstimate:
     """Estimate the GPU memory of one PPO iteration (generation, scoring, training) on one device.
@@ -210,7 +214,9 @@ def estimate_ppo_memory(
     hidden states in chunks of that many positions (`trl_gae_ext.logprobs.chunked_logprobs`), None for the full
     `[B, R, V]` logits. `device`: "cuda" adds the CUDA context and the caching allocator's reserve, and counts TRL's
     fused Triton log-softmax kernel on the unchunked path; "cpu" is what the CPU allocator holds (what
-    `benchmarks/memory_cpu.py` measures).
+    `benchmarks/memory_cpu.py` measures). `reference_adapter`: the trainer gives a PEFT policy a frozen copy of its
+    adapter, `ref`, as the reference policy whenever a KL term is used (`kl_coef > 0`, the default, or the adaptive KL
+    callback); False for `kl_coef=0`. Its scoring pass is a no-grad log-prob pass like the policy's.
     """
     name = model_name
     if isinstance(config, (str, os.PathLike)):
@@ -219,7 +225,7 @@ def estimate_ppo_memory(
     settings = PlanSettings(
         batch_size, prompt_length, response_length, load_in_4bit, lora_r, target, value_head,
         gradient_checkpointing, num_mini_batches, micro_batch_size, optimizer, dtype,
-        rollout_forward_batch_size, double_quant, kbit_upcast, logprob_chunk_size, device,
+        rollout_forward_batch_size, double_quant, kbit_upcast, logprob_chunk_size, device, reference_adapter,
     )  # fmt: skip
     _validate(settings)
     shape = ModelShape.from_config(config)
@@ -254,6 +260,8 @@ def _estimate(shape: ModelShape, s: PlanSettings, name: str) -> MemoryEstimate:
     e = dict(
         base_weights=n_bases * weight_bytes(shape, s.load_in_4bit, s.dtype, s.double_quant, upcast),
         adapters=n_adapters * lora * ADAPTER_BYTES,
+        # PEFT makes the `ref` adapter like the policy's (same rank and targets, fp32) on the policy's base
+        reference_adapter=lora * ADAPTER_BYTES if s.reference_adapter else 0,
         value_head=(shape.hidden_size + 1) * 4,
         optimizer_states=trainable * OPTIMIZER_STATE_BYTES[s.optimizer],
         gradients=trainable * 4,
@@ -264,7 +272,14 @@ def _estimate(shape: ModelShape, s: PlanSettings, name: str) -> MemoryEstimate:
         dequant_workspace=max(o * i for o, i in counts.linear_shapes) * d if s.load_in_4bit else 0,
     )
     e.update(_training_terms(shape, s, e["gradients"]))
-    static = e["base_weights"] + e["adapters"] + e["value_head"] + e["optimizer_states"] + e["dequant_workspace"]
+    static = (
+        e["base_weights"]
+        + e["adapters"]
+        + e["reference_adapter"]
+        + e["value_head"]
+        + e["optimizer_states"]
+        + e["dequant_workspace"]
+    )
     moment = max(e["training_moments"], key=e["training_moments"].get)
     allocated = {
         "generation": static + e["kv_cache"] + e["generation_workspace"],
