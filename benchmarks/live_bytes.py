@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import gc
+import time
 import weakref
 from collections.abc import Iterable
 
@@ -181,3 +182,46 @@ class AllocatedBytes:
             level = totals[first - 1] if first else self.resident
             name = e.name()[len(self._PREFIX) :]
             self.phases[name] = max(self.phases.get(name, 0), level, *totals[first:last])
+
+
+class CudaPeaks:
+    """The same interface on a GPU, from the CUDA caching allocator's own statistics: `phases[name]` is the largest
+    `torch.cuda.max_memory_allocated()` inside the phase (everything allocated on the device, weights included),
+    `reserved[name]` that of `max_memory_reserved()`, `seconds[name]` the wall time of each entry (device
+    synchronized at both ends). Phases do not nest: a new one ends the open one."""
+
+    def __init__(self, resident: Iterable[torch.Tensor] = ()):  # the allocator counts resident tensors itself
+        self.phases: dict[str, int] = {}
+        self.reserved: dict[str, int] = {}
+        self.seconds: dict[str, list[float]] = {}
+        self._label: str | None = None
+        self._start = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.end_phase()
+
+    def start_phase(self, name: str) -> None:
+        self.end_phase()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # the peak restarts from what is allocated now
+        self._label, self._start = name, time.perf_counter()
+
+    def end_phase(self) -> None:
+        if self._label is None:
+            return
+        torch.cuda.synchronize()
+        name, self._label = self._label, None
+        self.seconds.setdefault(name, []).append(time.perf_counter() - self._start)
+        self.phases[name] = max(self.phases.get(name, 0), torch.cuda.max_memory_allocated())
+        self.reserved[name] = max(self.reserved.get(name, 0), torch.cuda.max_memory_reserved())
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.start_phase(name)
+        try:
+            yield
+        finally:
+            self.end_phase()

@@ -57,17 +57,22 @@ def measure_ppo_phases(
     prompt_length: int,
     response_length: int,
     micro_batch_size: int | None = None,
+    num_mini_batches: int = 1,
     lora_r: int = 16,
     iterations: int = 2,
     seed: int = 0,
     gradient_checkpointing: bool = True,
-    kbit_upcast: bool = True,
+    kbit_upcast: bool | None = None,
     tracker_class=None,
     **config_kwargs,
 ) -> dict[str, int]:
     """Peak allocated bytes per phase of `iterations` PPO iterations of `PPOTrainer` on `model` (a 4-bit causal LM
-    with random weights; the trainer prepares it and adds the policy and critic adapters). `tracker_class`:
-    `live_bytes.AllocatedBytes` (default, the allocator's records) or `live_bytes.LiveBytes` (op outputs only)."""
+    with random weights; the trainer prepares it and adds the policy, critic and `ref` adapters). One rollout of
+    `batch_size` = `micro_batch_size` x gradient accumulation x `num_mini_batches`. `kbit_upcast`: None leaves the
+    trainer's default; else PPOConfig's `upcast_kbit_fp32` where it exists, and on a trainer without it, False hands
+    the model over without its 4-bit marker (nothing is upcast). `tracker_class`: `live_bytes.AllocatedBytes` (default,
+    the allocator's records), `live_bytes.LiveBytes` (op outputs only) or `live_bytes.CudaPeaks` (a GPU run); the
+    tracker is returned as `phases["tracker"]` too."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback, TrainerCallback
@@ -76,19 +81,22 @@ def measure_ppo_phases(
     from benchmarks.memory_gpu import length_reward, random_prompts
     from trl_gae_ext import PPOConfig, PPOTrainer
 
-    micro = micro_batch_size or batch_size
-    if not kbit_upcast:
-        model.is_loaded_in_4bit = False
+    micro = micro_batch_size or batch_size // num_mini_batches
+    if kbit_upcast is not None:
+        if "upcast_kbit_fp32" in trainer_fields():
+            config_kwargs.setdefault("upcast_kbit_fp32", kbit_upcast)
+        elif not kbit_upcast:
+            model.is_loaded_in_4bit = False
     with tempfile.TemporaryDirectory() as out:
-        args = PPOConfig(
+        settings = dict(
             output_dir=out, value_head="adapter", gradient_checkpointing=gradient_checkpointing,
-            per_device_train_batch_size=micro, gradient_accumulation_steps=batch_size // micro,
-            response_length=response_length,
-            max_prompt_length=prompt_length, num_ppo_epochs=1, num_mini_batches=1,
-            total_episodes=batch_size * iterations, temperature=1.0, generation_kwargs={"min_new_tokens": response_length},
-            learning_rate=1e-6, logging_steps=1, save_strategy="no", report_to=[], seed=seed, use_cpu=True,
-            disable_tqdm=True, **config_kwargs,
+            per_device_train_batch_size=micro, gradient_accumulation_steps=batch_size // (micro * num_mini_batches),
+            response_length=response_length, max_prompt_length=prompt_length, num_ppo_epochs=1,
+            num_mini_batches=num_mini_batches, total_episodes=batch_size * iterations, temperature=1.0,
+            generation_kwargs={"min_new_tokens": response_length}, learning_rate=1e-6, logging_steps=1,
+            save_strategy="no", report_to=[], seed=seed, use_cpu=True, disable_tqdm=True,
         )  # fmt: skip
+        args = PPOConfig(**{**settings, **config_kwargs})
         lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear",
                           task_type="CAUSAL_LM")  # fmt: skip
         prompts = random_prompts(len(tokenizer), batch_size * iterations, prompt_length, seed)
@@ -120,17 +128,26 @@ def measure_ppo_phases(
         trainer.add_callback(TrainingPhaseEnd())
         with tracker:
             trainer.train()
-    return {name: tracker.phases[name] for name in PHASES}
+    return {**{name: tracker.phases[name] for name in PHASES}, "tracker": tracker}
 
 
-def trainer_logprob_chunk_size() -> tuple[bool, int | None]:
-    """Whether this checkout's PPOConfig has `logprob_chunk_size` (chunked log-probs), and its default."""
+def trainer_fields() -> dict:
+    """PPOConfig's fields and defaults in this checkout (`logprob_chunk_size`, `upcast_kbit_fp32` arrived later)."""
     from dataclasses import fields
 
     from trl_gae_ext import PPOConfig
 
-    field = next((f for f in fields(PPOConfig) if f.name == "logprob_chunk_size"), None)
-    return field is not None, (field.default if field is not None else None)
+    return {f.name: f.default for f in fields(PPOConfig)}
+
+
+def trainer_defaults() -> dict:
+    """The trainer's log-prob and upcast behaviour, spelled as the planner takes it: without the fields, today's
+    path (full logits, fp32 upcast on a 4-bit base)."""
+    known = trainer_fields()
+    return {
+        "logprob_chunk_size": known.get("logprob_chunk_size"),
+        "kbit_upcast": known.get("upcast_kbit_fp32", True),
+    }
 
 
 def settings_of(args) -> dict:
@@ -149,13 +166,14 @@ def run(name: str, config_dict: dict, args) -> dict[str, int]:
     from benchmarks.memory_gpu import build_random_4bit_model, build_tokenizer
 
     settings = settings_of(args)
-    extra = {"logprob_chunk_size": args.logprob_chunk_size} if trainer_logprob_chunk_size()[0] else {}
+    extra = {"logprob_chunk_size": args.logprob_chunk_size} if "logprob_chunk_size" in trainer_fields() else {}
     model = build_random_4bit_model(config_dict, torch.device("cpu"), seed=args.seed)
     start = time.perf_counter()
     measured = measure_ppo_phases(
         model, build_tokenizer(config_dict["vocab_size"]), iterations=args.iterations, seed=args.seed,
         **{k: v for k, v in settings.items() if k not in ("value_head", "logprob_chunk_size")}, **extra,
     )  # fmt: skip
+    measured.pop("tracker")
     return {**measured, "seconds": time.perf_counter() - start}
 
 
@@ -165,7 +183,7 @@ def report(name: str, config_dict: dict, measured: dict, args) -> dict:
           f"{args.prompt_length} + response {args.response_length}, {args.iterations} iterations, "
           f"{measured['seconds']:.0f} s; planner: training peak at {est.training_peak_at!r}")  # fmt: skip
     print(f"  {'phase':<12}{'measured GiB':>14}{'planned GiB':>13}{'measured/planned':>18}{'above weights':>15}")
-    rows, weights = {}, est.base_weights + est.adapters + est.value_head
+    rows, weights = {}, est.base_weights + est.adapters + est.reference_adapter + est.value_head
     for phase in PHASES:
         m, p = measured[phase], est.phases_allocated[phase]
         rows[phase] = {"measured": m, "planned": p, "ratio": m / p}
@@ -183,11 +201,12 @@ def main(argv=None) -> int:
     parser.add_argument("--response-length", type=int, default=32)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--kbit-upcast", action=argparse.BooleanOptionalAction, default=True,
-                        help="fp32 embeddings/norms/lm_head (prepare_model_for_kbit_training), as the trainer does")  # fmt: skip
-    has_chunks, chunk_default = trainer_logprob_chunk_size()
-    parser.add_argument("--logprob-chunk-size", type=int, default=chunk_default,
-                        help="PPOConfig.logprob_chunk_size, where the trainer has it (default: the trainer's)")  # fmt: skip
+    defaults = trainer_defaults()
+    parser.add_argument("--kbit-upcast", action=argparse.BooleanOptionalAction, default=defaults["kbit_upcast"],
+                        help="fp32 embeddings/norms/lm_head on the 4-bit base (default: the trainer's)")  # fmt: skip
+    parser.add_argument("--logprob-chunk-size", type=int, default=defaults["logprob_chunk_size"],
+                        help="PPOConfig.logprob_chunk_size where the trainer has it, 0 = full logits (default: the "
+                             "trainer's)")  # fmt: skip
     parser.add_argument("--iterations", type=int, default=2, help="PPO iterations (optimizer states exist from #2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
@@ -196,7 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--report", type=Path, default=None,
                         help="measure nothing: print a JSON file written by --json beside today's planner")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.logprob_chunk_size is not None and not has_chunks:
+    args.logprob_chunk_size = args.logprob_chunk_size or None
+    if args.logprob_chunk_size is not None and "logprob_chunk_size" not in trainer_fields():
         parser.error("this checkout's PPOConfig has no `logprob_chunk_size`: the trainer computes full logits")
     if args.report:
         data = json.loads(args.report.read_text())
