@@ -18,51 +18,16 @@ import argparse
 import statistics
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax  # noqa: E402
 
+from benchmarks.live_bytes import LiveBytes  # noqa: E402
 from trl_gae_ext.logprobs import chunked_logprobs  # noqa: E402
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages created inside the `with` block that are alive at the same time.
-
-    A storage first seen as an op's input existed before (counted 0 bytes), one first seen as an output was just
-    allocated; a finalizer subtracts its bytes when it is freed. Views and in-place results share a storage that is
-    already known, so they count nothing. Works for autograd's backward too (it dispatches in the same mode).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.known = WeakIdKeyDictionary()
-        self.now = 0
-        self.peak = 0
-
-    def _free(self, nbytes: int) -> None:
-        self.now -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.known:
-                self.known[t.untyped_storage()] = 0
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.known:
-                storage = t.untyped_storage()
-                self.known[storage] = storage.nbytes()
-                weakref.finalize(storage, self._free, storage.nbytes())
-                self.now += storage.nbytes()
-                self.peak = max(self.peak, self.now)
-        return out
 
 
 def make_inputs(batch_size, T, V, H, dtype, trainable_head, seed=0):

@@ -11,6 +11,7 @@ from trl_gae_ext.planner import (
     GIB,
     REFERENCE_CONFIGS,
     ModelShape,
+    build_plan_parser,
     count_parameters,
     estimate_ppo_memory,
     layer_activation_bytes,
@@ -69,6 +70,15 @@ def test_reference_shapes_match_published_checkpoint_sizes():
     }
     for name, total in published.items():
         assert count_parameters(REFERENCE_CONFIGS[name]).total == total, name
+    # the small shapes (tied embeddings), against their model cards: 0.49B / 1.54B parameters, of which 0.36B / 1.31B
+    # outside the embedding
+    for name, total, non_embedding in (("qwen2.5-0.5b", 0.49e9, 0.36e9), ("qwen2.5-1.5b", 1.54e9, 1.31e9)):
+        config = REFERENCE_CONFIGS[name]
+        count = count_parameters(config).total
+        assert (
+            round(count, -7) == total
+            and round(count - config["vocab_size"] * config["hidden_size"], -7) == non_embedding
+        )
 
 
 @pytest.mark.parametrize("target", ["all-linear", ["q_proj", "v_proj"], ["down_proj"]])
@@ -204,30 +214,60 @@ def test_hand_calculation():
     assert weight_bytes(config) == 53360 + 26240 == 79600  # as from_pretrained loads it
     # LoRA r=4 per layer: 4*(64+64) + 4*(64+32)*2 + 4*(64+64) + 4*(64+128)*3 = 512 + 768 + 512 + 2304 = 4096; x2 layers
     assert lora_parameters(config, 4) == 8192
-    # batch 2, prompt 3 + response 5, adapter layout: 2 adapters (8192 each), value head 65 params. The estimate
-    # follows the package's QLoRA path: prepare_model_for_kbit_training makes the non-quantized 13120 params fp32
-    # and the residual stream, KV cache and logits fp32.
-    est = estimate_ppo_memory(config, batch_size=2, prompt_length=3, response_length=5, lora_r=4)
+    # batch 2, prompt 3 + response 5, adapter layout: 2 adapters (8192 each), value head 65 params. Today's trainer
+    # path: prepare_model_for_kbit_training makes the non-quantized 13120 params fp32 (and the residual stream, KV
+    # cache and logits fp32), log-probs from full logits; the CPU allocator (no CUDA overhead, TRL's CPU loops).
+    est = estimate_ppo_memory(config, batch_size=2, prompt_length=3, response_length=5, lora_r=4, kbit_upcast=True,
+                              logprob_chunk_size=None, device="cpu")  # fmt: skip
     assert est.base_weights == 53360 + 13120 * 4 == 105840
     assert est.adapters == 2 * 8192 * 4 == 65536
+    assert est.reference_adapter == 8192 * 4  # the frozen `ref` copy of the policy adapter (a KL term is on)
     assert est.value_head == 65 * 4 == 260
     assert est.trainable_parameters == 2 * 8192 + 65 == 16449
     assert est.optimizer_states == 16449 * 8 == 131592
     assert est.gradients == 16449 * 4 == 65796
     # KV: 2 (k, v) * 2 layers * 32 kv_dim * 8 tokens * 2 sequences * 4 bytes
     assert est.kv_cache == 2 * 2 * 32 * 8 * 2 * 4 == 8192
-    # logits: 16 bytes * micro batch 2 * 5 response tokens * V 100
-    assert est.logits == 16 * 2 * 5 * 100 == 16000
+    # log-probs of N = 2 * 5 positions: fp32 logits of R + 1 = 6 positions 4*2*6*100 = 4800, scaled copy 4*10*100 =
+    # 4000, the entropy's 3 fp32 [min(128, N), V] temporaries 12*10*100 = 12000 -> forward peak 20800 (backward
+    # 12*10*100 = 12000); the scaled copy is kept for backward
+    assert est.logits == 4800 + 4000 + 12000 == 20800
+    assert est.logits_saved == 4000
     # one layer per token, bf16 stream: LoRA casts 4*(6*64 + 128) + 4*4*7 = 2160; norms 2*(4*64+4) = 520;
     # attention 2*(2*64 + 2*32) + 4*4 = 400; MLP 3*2*128 = 768 -> 3848
     assert layer_activation_bytes(est.shape, 4) == 3848
     # fp32 stream: shared LoRA inputs 4*(64 + 64 + 128) + 4*4*7 = 1136; norms 520; attention 4*(128 + 64) + 16 = 784;
     # MLP 3*4*128 = 1536 -> 3976
     assert layer_activation_bytes(est.shape, 4, fp32_stream=True) == 3976
-    # checkpointed: 16 tokens * (2 graphs * 2 layers * 4*64 + 3976 + backward 4*(10*64 + 64))
-    assert est.activations == 16 * (1024 + 3976 + 2816) == 125056
-    assert est.peak == max(est.phases.values())
-    assert est.cuda_overhead == planner.CUDA_CONTEXT_BYTES + int(0.10 * est.peak_allocated)
+    # checkpointed, 16 tokens: 2 graphs * 2 layers * 4*64 per token = 8192 each; outside the layers 4*64 + 4*16 (policy)
+    # + 4*64 + 4*64 (critic) = 832 per token; one layer recomputed 3976 + backward int(-6.2*64 + 10.5*128 - 467) = 480
+    assert est.activations == 2 * 8192 + 16 * 832 + 16 * 3976 + 16 * 480 == 100992
+    assert est.training_moments["critic layers backward"] == est.activations + est.logits_saved
+    assert est.training_moments["policy log-probs forward"] == 8192 + 16 * (4 * 64 + 4 * 16) + est.logits
+    assert est.phases_allocated["training"] == (est.base_weights + est.adapters + est.reference_adapter + est.value_head
+                                                + est.optimizer_states + est.dequant_workspace
+                                                + max(est.training_moments.values()))  # fmt: skip
+    assert est.peak == max(est.phases.values()) and est.cuda_overhead == 0
+    # on a GPU: TRL's fused kernel (no entropy temporaries, backward 8*N*V) and the CUDA context + 10%
+    gpu = estimate_ppo_memory(config, batch_size=2, prompt_length=3, response_length=5, lora_r=4, kbit_upcast=True,
+                              logprob_chunk_size=None, device="cuda")  # fmt: skip
+    assert gpu.logits == max(4800 + 4000, 8 * 10 * 100) == 8800
+    assert gpu.cuda_overhead == planner.CUDA_CONTEXT_BYTES + int(0.10 * gpu.peak_allocated)
+    # chunks of 4 positions: the scored hidden states 10*64*4 = 2560 kept; forward 12*4*100 with the entropy,
+    # backward 2560 + their gradient 2560 + 8*4*100
+    chunked = estimate_ppo_memory(config, batch_size=2, prompt_length=3, response_length=5, lora_r=4,
+                                  kbit_upcast=True, logprob_chunk_size=4, device="cpu")  # fmt: skip
+    assert chunked.logits_saved == 2560
+    assert chunked.logits == max(2560 + 12 * 400, 2 * 2560 + 8 * 400) == 8320
+
+
+def test_defaults_follow_the_trainer():
+    """The planner's default chunk is the log-prob module's; its defaults are the recommended QLoRA setup."""
+    from trl_gae_ext.logprobs import DEFAULT_CHUNK_SIZE
+
+    est = estimate_ppo_memory("qwen2.5-7b", batch_size=8, prompt_length=256, response_length=512)
+    assert est.settings.logprob_chunk_size == planner.DEFAULT_LOGPROB_CHUNK_SIZE == DEFAULT_CHUNK_SIZE
+    assert not est.settings.kbit_upcast and est.settings.device == "cuda"
 
 
 REF = dict(batch_size=8, prompt_length=256, response_length=512)
@@ -285,7 +325,38 @@ def test_invalid_settings_raise():
 def test_plan_main_reference_shape(capsys):
     assert plan_main(["--model", "qwen2.5-7b", "--gpu-memory", "24"]) == 0
     out = capsys.readouterr().out
-    assert "qwen2.5-7b" in out and "peak:" in out and "KV cache" in out and "logits" in out
+    assert "qwen2.5-7b" in out and "peak:" in out and "KV cache" in out and "chunks of 512" in out
+    assert "per_device_train_batch_size=4, num_mini_batches=2" in out  # the recommended 8 = 4 x 2
+    assert plan_main(["--model", "qwen2.5-7b", "--logprob-chunk-size", "0", "--kbit-upcast", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "full logits" in out and "fp32 upcast" in out and "CUDA context" not in out
+
+
+def test_recommended_config_fits_consumer_gpus():
+    """Issue 13's targets with the `trl-gae plan` defaults (batch 8 = micro 4 x 2, prompt 256 + response 512, adapter
+    critic, chunked log-probs, no fp32 upcast, checkpointing): 7B <= 12 GiB, 14B <= 20 GiB; 32B fits 24 GiB with the
+    combination the suggestions name."""
+    args = build_plan_parser().parse_args(["--model", "x"])
+    kwargs = {key: getattr(args, key) for key in planner._PLAN_ARGS} | {"logprob_chunk_size": args.logprob_chunk_size}
+    assert estimate_ppo_memory("qwen2.5-7b", **kwargs).peak <= 12 * GIB
+    assert estimate_ppo_memory("qwen2.5-14b", **kwargs).peak <= 20 * GIB
+    big = estimate_ppo_memory("qwen2.5-32b", **kwargs)
+    assert not big.fits(24)
+    combined = big.suggestions(24)[-1]
+    assert combined.startswith("combined:") and "(fits)" in combined
+    assert estimate_ppo_memory(
+        "qwen2.5-32b", **{**kwargs, "micro_batch_size": 1, "rollout_forward_batch_size": 4, "lora_r": 4,
+                          "optimizer": "adamw_8bit"}
+    ).fits(24)  # fmt: skip
+
+
+def test_each_saving_lowers_the_peak():
+    today = dict(kbit_upcast=True, logprob_chunk_size=None)
+    steps = [today, {**today, "logprob_chunk_size": 512}, {"logprob_chunk_size": 512, "kbit_upcast": False}]
+    peaks = [_peak(**kw) for kw in steps]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 3
+    texts = " ".join(estimate_ppo_memory("qwen2.5-14b", **REF, **today).suggestions(24))
+    assert "logprob_chunk_size=512" in texts and "--no-kbit-upcast" in texts
 
 
 def test_plan_main_local_config(tmp_path, capsys):
@@ -314,10 +385,43 @@ def test_hub_alias_falls_back_offline(capsys, monkeypatch):
 def test_report_numbers_are_consistent():
     est = estimate_ppo_memory("qwen2.5-7b", **REF)
     data = json.loads(json.dumps(est.to_dict()))
-    static = sum(data[p] for p in ("base_weights", "adapters", "value_head", "optimizer_states", "dequant_workspace"))
-    assert data["policy_activations"] == 28 * 4 * 3584 * 8 * 768  # one graph's fp32 checkpoints: L * 4H per token
-    activations = max(data["activations"] + data["logits_saved"], data["policy_activations"] + data["logits"])
-    training = static + data["gradients"] + activations
+    parts = ("base_weights", "adapters", "reference_adapter", "value_head", "optimizer_states", "dequant_workspace")
+    static = sum(data[p] for p in parts)
+    # one graph's bf16 checkpoints (no fp32 upcast by default): L * 2H bytes per token, micro batch 8 of 768 tokens
+    assert data["policy_activations"] == 28 * 2 * 3584 * 8 * 768
+    training = static + max(data["training_moments"].values())
     assert est.phases["training"] == training + planner._overhead(training)
+    assert data["training_peak_at"] == max(data["training_moments"], key=data["training_moments"].get)
     assert est.peak == max(est.phases.values()) and est.peak == est.peak_allocated + est.cuda_overhead
     assert f"{est.peak / GIB:.2f} GiB" in est.format_report(24)
+
+
+@pytest.mark.parametrize("kl_coef", [0.05, 0.0])
+def test_adapters_match_the_trainers_model(tokenizer, tmp_path, kl_coef):
+    """The planner's adapter bytes are those of the LoRA weights `PPOTrainer` creates: policy and critic adapters
+    (trained) and, with a KL term, the frozen `ref` copy of the policy adapter (weights only: no gradient, no optimizer
+    state)."""
+    from conftest import offline_args
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_gae_ext import PPOTrainer
+    from trl_gae_ext.tiny import build_tiny_model
+
+    model = build_tiny_model(tokenizer, hidden_size=32, num_attention_heads=2)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    args = offline_args(tmp_path, value_head="adapter", kl_coef=kl_coef, per_device_train_batch_size=2)
+    trainer = PPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
+                         train_dataset=Dataset.from_dict({"prompt": ["alpha"] * 2}), processing_class=tokenizer,
+                         peft_config=lora)  # fmt: skip
+    lora_params = [(n, p) for n, p in trainer.model.named_parameters() if "lora_" in n]
+    trained = sum(p.numel() * p.element_size() for _, p in lora_params if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for _, p in lora_params if not p.requires_grad)
+    assert (frozen > 0) == (kl_coef > 0)  # the trainer made the `ref` adapter only for the KL term
+    est = estimate_ppo_memory(model.config, batch_size=2, prompt_length=4, response_length=4, lora_r=4,
+                              load_in_4bit=False, dtype="float32", reference_adapter=kl_coef > 0)  # fmt: skip
+    assert est.adapters == trained and est.reference_adapter == frozen
+    head = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) - trained // 4
+    assert est.trainable_parameters == trained // 4 + head  # optimizer states and gradients: trained weights only
+    static = est.base_weights + est.adapters + est.reference_adapter + est.value_head + est.optimizer_states
+    assert est.phases_allocated["scoring"] == static + est.dequant_workspace + est.scoring_workspace

@@ -4,191 +4,69 @@
 per-component breakdown in bytes, the peak over the three phases of a PPO iteration (generation, no-grad scoring,
 training), `fits(gpu_gib)` and `suggestions(gpu_gib)`. `plan_main(argv)` is the `trl-gae plan` command.
 
-The estimate follows what this package does: the 4-bit base goes through PEFT's `prepare_model_for_kbit_training`
-(`qlora.load_policy`), so everything that is not a quantized Linear (embeddings, lm_head, norms) and hence the
-residual stream, KV cache and logits are fp32; the policy and critic graphs of one micro-batch live together until
-the joint backward; log-probs come from `logits_to_keep = R + 1`. Every formula and constant is written out, with
-how it was measured, in `docs/memory.md`.
+The estimate follows what this package does: one 4-bit base for the policy (LoRA), the critic (a second LoRA +
+value head) and the reference (adapters off); the policy and critic graphs of one micro-batch live together until
+the joint backward. Settings choose between today's trainer path (`kbit_upcast=True`: PEFT's
+`prepare_model_for_kbit_training` makes the embeddings, lm_head, norms and hence the whole residual stream fp32;
+`logprob_chunk_size=None`: full `[B, R + 1, V]` logits) and the recommended one (bf16 stream, log-probs from the
+hidden states in chunks, `trl_gae_ext.logprobs`). The training phase is the largest of the moments that can peak
+(log-prob forward/backward, critic forward, each graph's layer backward). Every formula and constant is written out,
+with how it was measured (the CPU allocator's records of real PPO iterations), in `docs/memory.md`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-# the shapes and config loading live in model_shapes; REFERENCE_CONFIGS, PlanError and load_model_config stay
-# importable from here
-from .model_shapes import REFERENCE_CONFIGS, PlanError, as_config, load_model_config
+# shapes, exact parameter and weight counts and config loading live in model_shapes; they stay importable from here
+from .model_shapes import (  # noqa: F401
+    DTYPE_BYTES,
+    LINEAR_NAMES,
+    REFERENCE_CONFIGS,
+    SUPPORTED_MODEL_TYPES,
+    ModelShape,
+    ParamCounts,
+    PlanError,
+    count_parameters,
+    dtype_bytes,
+    load_model_config,
+    lora_parameters,
+    nf4_bytes,
+    targeted_names,
+    weight_bytes,
+)
 
 
 GIB = 1024**3
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VALUE_HEAD_LAYOUTS = ("adapter", "shared", "separate")
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Persistent optimizer state per trainable parameter (bytes): AdamW keeps exp_avg and exp_avg_sq in fp32.
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}
 
 ADAPTER_BYTES = 4  # PEFT casts LoRA weights to fp32 (autocast_adapter_dtype=True), so do their inputs
-NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit blocksize: one absmax per 64 weights
-NF4_NESTED_BLOCKSIZE = 256  # double quantization: the absmax are 8-bit quantized in blocks of 256
-NF4_TENSOR_OVERHEAD_NESTED = 1024 + 64 + 4  # per tensor: nested 8-bit code, NF4 code (16 fp32), offset
-NF4_TENSOR_OVERHEAD = 64  # per tensor without double quantization: the NF4 code
-# Logits: the package's forward asks for `logits_to_keep = R + 1` and takes `selective_log_softmax` of
-# `logits.float() / temperature`. Bytes per [micro batch, R, V] element, measured on the CPU (docs/memory.md):
-# peak 14.7-16.2 with gradients (fp32 scaled logits + fp32 gradient buffers); after the forward only the fp32
-# scaled logits stay alive for backward (4). Without gradients (scoring): the model's logits + the fp32 scaled copy
-# (+ the fp32 upcast when the logits are bf16), measured 8.0 for the fp32 stream.
-TRAIN_LOGIT_BYTES = 16
-SAVED_LOGIT_BYTES = 4
-# No-grad forward transient per token and per (H + I), by activation bytes: measured 12 (bf16) and 16 (fp32 stream).
-INFERENCE_LAYER_BYTES = {2: 12, 4: 16}
+# Log-probs (`logprob_bytes`), bytes per element, measured on the CPU with the allocator's records (docs/memory.md):
+ENTROPY_ROWS = 128  # TRL's `entropy_from_logits` works on 128 rows at a time (off the GPU's fused kernel) ...
+ENTROPY_SCRATCH_BYTES = 12  # ... each with 3 float32 [rows, V] temporaries: log-softmax, exp, product
+CHUNK_FORWARD_BYTES = 8  # chunked log-probs, per chunk x V: float32 logits + logsumexp's x - max scratch
+CHUNK_ENTROPY_BYTES = 12  # ... with the entropy: + its exp and the negated product
+CHUNK_BACKWARD_BYTES = 8  # ... backward: the rebuilt logits and their softmax
+DEFAULT_LOGPROB_CHUNK_SIZE = (
+    512  # = trl_gae_ext.logprobs.DEFAULT_CHUNK_SIZE (not imported: the planner needs no torch)
+)
+# One layer's recompute + backward on top of its saved tensors, per token, by stream bytes: (per H, per I). The peak
+# is in the MLP's backward: the gradients of the MLP product and of gate/up, with PEFT's fp32 LoRA temporaries.
+# Fitted on the allocator's records of 4 tiny shapes (H 64/128 x I 256-704, docs/memory.md).
+LAYER_BACKWARD_BYTES = {4: (-6.2, 10.5, -467), 2: (7.5, 10.25, -380)}
+# No-grad forward transient of one layer per token, by stream bytes: (per H, per I). The MLP's LoRA outputs are fp32
+# (PEFT keeps adapters in fp32), so its I-sized temporaries cost 16 bytes on either stream; measured on the CPU.
+INFERENCE_LAYER_BYTES = {4: (16, 16), 2: (12, 16)}
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
 FRAGMENTATION = 0.10  # caching-allocator reserve over the allocated peak
-
-
-# -- model shape and exact parameter counts --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a Llama/Qwen2/Mistral/Qwen3-style decoder that memory depends on."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-    model_type: str = "llama"
-
-    @classmethod
-    def from_config(cls, config) -> ModelShape:
-        """From a `PretrainedConfig`, a dict or a `ModelShape`. Unknown model types are read as Llama-style."""
-        if isinstance(config, ModelShape):
-            return config
-        config = as_config(config)
-        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        missing = [k for k in required if getattr(config, k, None) is None]
-        if missing:
-            raise PlanError(f"the model config lacks {', '.join(missing)}: not a decoder-only transformer config")
-        model_type = getattr(config, "model_type", None) or "llama"
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            warnings.warn(
-                f"model_type {model_type!r} is counted as a Llama-style decoder (supported exactly: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}); the estimate is approximate.",
-                stacklevel=2,
-            )
-        hidden, heads = config.hidden_size, config.num_attention_heads
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        return cls(
-            hidden_size=hidden,
-            intermediate_size=getattr(config, "intermediate_size", None) or 4 * hidden,
-            num_layers=config.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or hidden // heads,
-            vocab_size=config.vocab_size,
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            # Qwen2 hard-codes biases on q/k/v only; Llama/Qwen3 follow `attention_bias` on q/k/v/o.
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            model_type=model_type,
-        )
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    def linears(self) -> dict[str, tuple[int, int, bool]]:
-        """Per-layer nn.Linear modules: name -> (in_features, out_features, has_bias)."""
-        h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (h, self.q_dim, self.qkv_bias),
-            "k_proj": (h, self.kv_dim, self.qkv_bias),
-            "v_proj": (h, self.kv_dim, self.qkv_bias),
-            "o_proj": (self.q_dim, h, self.o_bias),
-            "gate_proj": (h, i, self.mlp_bias),
-            "up_proj": (h, i, self.mlp_bias),
-            "down_proj": (i, h, self.mlp_bias),
-        }
-
-
-@dataclass(frozen=True)
-class ParamCounts:
-    """Exact parameter counts of the causal LM (what `sum(p.numel() for p in model.parameters())` gives)."""
-
-    total: int
-    linear_weights: int  # the decoder layers' nn.Linear weights: what bitsandbytes quantizes
-    other: int  # embeddings, lm_head (unless tied), norms, biases: kept in the compute dtype
-    linear_shapes: tuple[tuple[int, int], ...]  # (out, in) of each quantized weight, one entry per layer and linear
-
-
-def count_parameters(config) -> ParamCounts:
-    shape = ModelShape.from_config(config)
-    linear_shapes, biases = [], 0
-    for _ in range(shape.num_layers):
-        for d_in, d_out, bias in shape.linears().values():
-            linear_shapes.append((d_out, d_in))
-            biases += d_out if bias else 0
-    norms = shape.num_layers * (2 * shape.hidden_size + (2 * shape.head_dim if shape.qk_norm else 0))
-    norms += shape.hidden_size  # final norm
-    embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
-    linear_weights = sum(o * i for o, i in linear_shapes)
-    other = embeddings + norms + biases
-    return ParamCounts(linear_weights + other, linear_weights, other, tuple(linear_shapes))
-
-
-def nf4_bytes(numel: int, double_quant: bool = True) -> int:
-    """Bytes of one bitsandbytes NF4 weight: packed 4-bit data plus its quantization state."""
-    blocks = math.ceil(numel / NF4_BLOCKSIZE)
-    if double_quant:  # absmax as uint8 + one fp32 absmax per 256 blocks
-        state = blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCKSIZE) + NF4_TENSOR_OVERHEAD_NESTED
-    else:  # absmax in fp32
-        state = 4 * blocks + NF4_TENSOR_OVERHEAD
-    return math.ceil(numel / 2) + state
-
-
-def weight_bytes(
-    config,
-    load_in_4bit: bool = True,
-    dtype: str = "bfloat16",
-    double_quant: bool = True,
-    upcast_non_quantized: bool = False,
-) -> int:
-    """Bytes of the base model's weights. In 4-bit, lm_head, embeddings, norms and biases stay in `dtype` as
-    `from_pretrained` loads them, or fp32 after PEFT's `prepare_model_for_kbit_training` (`upcast_non_quantized`)."""
-    counts, d = count_parameters(config), _dtype_bytes(dtype)
-    if not load_in_4bit:
-        return counts.total * d
-    other = 4 if upcast_non_quantized else d
-    return sum(nf4_bytes(o * i, double_quant) for o, i in counts.linear_shapes) + counts.other * other
-
-
-def lora_parameters(config, r: int, target: str | Sequence[str] = "all-linear") -> int:
-    """Parameters of one LoRA adapter: r * (in + out) per targeted linear ("all-linear" excludes lm_head)."""
-    shape = ModelShape.from_config(config)
-    linears = shape.linears()
-    return shape.num_layers * sum(r * (linears[n][0] + linears[n][1]) for n in _targeted_names(shape, target))
 
 
 # -- the estimate ----------------------------------------------------------------------------------------------------
@@ -210,7 +88,10 @@ class PlanSettings:
     dtype: str = "bfloat16"
     rollout_forward_batch_size: int = 64
     double_quant: bool = True
-    kbit_upcast: bool = True
+    kbit_upcast: bool = False
+    logprob_chunk_size: int | None = DEFAULT_LOGPROB_CHUNK_SIZE
+    device: str = "cuda"
+    reference_adapter: bool = True
 
     @property
     def micro_batch(self) -> int:
@@ -235,13 +116,14 @@ class MemoryEstimate:
     trainable_parameters: int
     base_weights: int
     adapters: int
+    reference_adapter: int  # the frozen `ref` copy of the policy adapter: weights only, no gradients or states
     value_head: int
     optimizer_states: int
     gradients: int
-    activations: int  # training forward/backward of one micro-batch (all critic/policy graphs)
-    logits: int  # peak of the logits (last R + 1 positions) + fp32 log-softmax working set, one micro-batch
-    logits_saved: int  # the part of `logits` alive while the layers run backward (fp32 scaled logits)
-    policy_activations: int  # the policy graph's stored activations alone: alive at the logits peak
+    activations: int  # layers of one micro-batch in backward: every graph's stored tensors + one layer's working set
+    logits: int  # peak of the log-prob working set in training (full logits + fp32 log-softmax, or one chunk)
+    logits_saved: int  # the part of `logits` kept for backward, alive while the layers run backward
+    policy_activations: int  # the policy graph's stored activations alone: alive at the log-prob peaks
     kv_cache: int  # generation
     generation_workspace: int  # prefill transients + next-token logits
     scoring_workspace: int  # no-grad log-prob/value passes: logits + transients of one chunk
@@ -252,6 +134,8 @@ class MemoryEstimate:
     peak: int = 0
     peak_phase: str = ""
     peak_allocated: int = 0  # comparable to torch.cuda.max_memory_allocated()
+    training_moments: dict[str, int] = field(default_factory=dict)  # training working set at each candidate peak
+    training_peak_at: str = ""  # the moment that sets the training phase
 
     def fits(self, gpu_gib: float) -> bool:
         return self.peak <= gpu_gib * GIB
@@ -270,17 +154,22 @@ class MemoryEstimate:
         return [
             (f"base weights ({quant}){copies}", self.base_weights),
             (f"LoRA adapters ({n_adapters} x r={s.lora_r}, fp32)", self.adapters),
+            ("reference adapter ('ref', frozen copy, fp32)", self.reference_adapter),
             ("value head (fp32)", self.value_head),
             (f"optimizer states ({s.optimizer})", self.optimizer_states),
             ("gradients (fp32)", self.gradients),
             (f"activations (train, micro-batch {s.micro_batch})", self.activations),
-            ("logits + fp32 log-softmax (train)", self.logits),
+            (
+                ("log-probs, one chunk of " + str(s.logprob_chunk_size) + " (train)")
+                if s.logprob_chunk_size
+                else "full logits + fp32 log-softmax (train)",
+                self.logits,
+            ),  # fmt: skip
             (f"KV cache (generation, {'fp32' if s.activation_bytes == 4 else s.dtype})", self.kv_cache),
             ("generation workspace", self.generation_workspace),
             ("scoring workspace (no-grad passes)", self.scoring_workspace),
             ("4-bit dequantization buffer", self.dequant_workspace),
-            (f"CUDA context + {FRAGMENTATION:.0%} fragmentation", self.cuda_overhead),
-        ]
+        ] + ([(f"CUDA context + {FRAGMENTATION:.0%} fragmentation", self.cuda_overhead)] if s.device == "cuda" else [])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -306,7 +195,10 @@ def estimate_ppo_memory(
     dtype: str = "bfloat16",
     rollout_forward_batch_size: int = 64,
     double_quant: bool = True,
-    kbit_upcast: bool = True,
+    kbit_upcast: bool = False,
+    logprob_chunk_size: int | None = DEFAULT_LOGPROB_CHUNK_SIZE,
+    device: str = "cuda",
+    reference_adapter: bool = True,
     model_name: str | None = None,
 ) -> MemoryEstimate:
     """Estimate the GPU memory of one PPO iteration (generation, scoring, training) on one device.
@@ -316,8 +208,15 @@ def estimate_ppo_memory(
     `batch_size // num_mini_batches`). `value_head`: "adapter" (critic = second LoRA adapter on the shared base),
     "shared" (head on the policy's hidden states), "separate" (critic = its own copy of the base + LoRA).
     `rollout_forward_batch_size` is PPOConfig's `local_rollout_forward_batch_size` (chunks of generation and
-    scoring). `kbit_upcast`: the 4-bit base went through `prepare_model_for_kbit_training`, as in this package
-    (fp32 embeddings, head, norms and activations).
+    scoring). `kbit_upcast`: the non-quantized weights of a 4-bit base (embeddings, lm_head, norms) are upcast to
+    fp32 (PEFT's `prepare_model_for_kbit_training`), which makes the residual stream, KV cache and logits fp32 too;
+    False keeps them in `dtype`. `logprob_chunk_size`: PPOConfig's field of that name, log-probs computed from the
+    hidden states in chunks of that many positions (`trl_gae_ext.logprobs.chunked_logprobs`), None for the full
+    `[B, R, V]` logits. `device`: "cuda" adds the CUDA context and the caching allocator's reserve, and counts TRL's
+    fused Triton log-softmax kernel on the unchunked path; "cpu" is what the CPU allocator holds (what
+    `benchmarks/memory_cpu.py` measures). `reference_adapter`: the trainer gives a PEFT policy a frozen copy of its
+    adapter, `ref`, as the reference policy whenever a KL term is used (`kl_coef > 0`, the default, or the adaptive KL
+    callback); False for `kl_coef=0`. Its scoring pass is a no-grad log-prob pass like the policy's.
     """
     name = model_name
     if isinstance(config, (str, os.PathLike)):
@@ -326,7 +225,7 @@ def estimate_ppo_memory(
     settings = PlanSettings(
         batch_size, prompt_length, response_length, load_in_4bit, lora_r, target, value_head,
         gradient_checkpointing, num_mini_batches, micro_batch_size, optimizer, dtype,
-        rollout_forward_batch_size, double_quant, kbit_upcast,
+        rollout_forward_batch_size, double_quant, kbit_upcast, logprob_chunk_size, device, reference_adapter,
     )  # fmt: skip
     _validate(settings)
     shape = ModelShape.from_config(config)
@@ -342,54 +241,63 @@ def _validate(s: PlanSettings) -> None:
         raise ValueError(f"`value_head={s.value_head!r}` is not one of {', '.join(VALUE_HEAD_LAYOUTS)}.")
     if s.optimizer not in OPTIMIZER_STATE_BYTES:
         raise ValueError(f"`optimizer={s.optimizer!r}` is not one of {', '.join(OPTIMIZER_STATE_BYTES)}.")
-    _dtype_bytes(s.dtype)
+    dtype_bytes(s.dtype)
+    if s.device not in ("cuda", "cpu"):
+        raise ValueError(f"`device={s.device!r}` is not 'cuda' or 'cpu'.")
+    if s.logprob_chunk_size is not None and s.logprob_chunk_size < 1:
+        raise ValueError(f"`logprob_chunk_size` must be >= 1 or None, got {s.logprob_chunk_size}.")
     if not 1 <= s.micro_batch <= s.batch_size:
         raise ValueError(f"`micro_batch_size` must be in [1, batch_size={s.batch_size}], got {s.micro_batch}.")
 
 
 def _estimate(shape: ModelShape, s: PlanSettings, name: str) -> MemoryEstimate:
-    d, a, counts = _dtype_bytes(s.dtype), s.activation_bytes, count_parameters(shape)
+    d, a, counts = dtype_bytes(s.dtype), s.activation_bytes, count_parameters(shape)
     n_bases = 2 if s.value_head == "separate" else 1
     n_adapters = 1 if s.value_head == "shared" else 2
-    n_graphs = 1 if s.value_head == "shared" else 2  # policy and critic graphs live together until backward
     lora = lora_parameters(shape, s.lora_r, s.lora_target)
     trainable = n_adapters * lora + shape.hidden_size + 1  # value head: Linear(H, 1) with bias
     upcast = s.load_in_4bit and s.kbit_upcast
     e = dict(
         base_weights=n_bases * weight_bytes(shape, s.load_in_4bit, s.dtype, s.double_quant, upcast),
         adapters=n_adapters * lora * ADAPTER_BYTES,
+        # PEFT makes the `ref` adapter like the policy's (same rank and targets, fp32) on the policy's base
+        reference_adapter=lora * ADAPTER_BYTES if s.reference_adapter else 0,
         value_head=(shape.hidden_size + 1) * 4,
         optimizer_states=trainable * OPTIMIZER_STATE_BYTES[s.optimizer],
         gradients=trainable * 4,
-        activations=_train_activation_bytes(shape, s, n_graphs),
-        logits=TRAIN_LOGIT_BYTES * s.micro_batch * s.response_length * shape.vocab_size,
         kv_cache=kv_cache_bytes(shape, _gen_batch(s), s.prompt_length + s.response_length, a),
         generation_workspace=_generation_workspace(shape, s),
         scoring_workspace=_scoring_workspace(shape, s),
+        # bitsandbytes dequantizes a 4-bit weight to the compute dtype for each matmul, on the GPU and the CPU alike
         dequant_workspace=max(o * i for o, i in counts.linear_shapes) * d if s.load_in_4bit else 0,
     )
-    e["logits_saved"] = SAVED_LOGIT_BYTES * s.micro_batch * s.response_length * shape.vocab_size
-    static = e["base_weights"] + e["adapters"] + e["value_head"] + e["optimizer_states"] + e["dequant_workspace"]
-    # Backward runs the critic graph (created last) first, with every checkpoint and the policy's saved logits
-    # alive; the policy's log-softmax backward (the logits peak) comes after the critic graph is freed.
-    e["policy_activations"] = _train_activation_bytes(shape, s, n_graphs=1, stored_only=True)
-    training = max(e["activations"] + e["logits_saved"], e["policy_activations"] + e["logits"])
+    e.update(_training_terms(shape, s, e["gradients"]))
+    static = (
+        e["base_weights"]
+        + e["adapters"]
+        + e["reference_adapter"]
+        + e["value_head"]
+        + e["optimizer_states"]
+        + e["dequant_workspace"]
+    )
+    moment = max(e["training_moments"], key=e["training_moments"].get)
     allocated = {
         "generation": static + e["kv_cache"] + e["generation_workspace"],
         "scoring": static + e["scoring_workspace"],
-        "training": static + e["gradients"] + training,
+        "training": static + e["training_moments"][moment],
     }
-    phases = {k: v + _overhead(v) for k, v in allocated.items()}
+    phases = {k: v + _overhead(v, s.device) for k, v in allocated.items()}
     peak_phase = max(phases, key=phases.get)
     return MemoryEstimate(
         model_name=name, shape=shape, settings=s, num_parameters=counts.total, trainable_parameters=trainable,
-        cuda_overhead=_overhead(allocated[peak_phase]), phases=phases, phases_allocated=allocated, peak=phases[peak_phase],
-        peak_phase=peak_phase, peak_allocated=allocated[peak_phase], **e,
+        cuda_overhead=_overhead(allocated[peak_phase], s.device), phases=phases, phases_allocated=allocated,
+        peak=phases[peak_phase], peak_phase=peak_phase, peak_allocated=allocated[peak_phase], training_peak_at=moment,
+        **e,
     )  # fmt: skip
 
 
-def _overhead(allocated: int) -> int:
-    return CUDA_CONTEXT_BYTES + int(FRAGMENTATION * allocated)
+def _overhead(allocated: int, device: str = "cuda") -> int:
+    return CUDA_CONTEXT_BYTES + int(FRAGMENTATION * allocated) if device == "cuda" else 0
 
 
 def kv_cache_bytes(config, batch: int, seq_len: int, dtype_bytes: int = 2) -> int:
@@ -410,7 +318,7 @@ def layer_activation_bytes(
     and its rsqrt; attention rotated q, k, v, the output and SDPA's fp32 logsumexp per head (no T^2 term); the
     SwiGLU MLP gate, act(gate) and up. Frozen base linears keep nothing. Matches saved-tensor hooks exactly.
     """
-    names = _targeted_names(shape, lora_target)
+    names = targeted_names(shape, lora_target)
     linears = shape.linears()
     h, i = shape.hidden_size, shape.intermediate_size
     act = 4 if fp32_stream else dtype_bytes
@@ -426,25 +334,98 @@ def layer_activation_bytes(
     return lora + norms + attention + mlp
 
 
-def _train_activation_bytes(shape: ModelShape, s: PlanSettings, n_graphs: int, stored_only: bool = False) -> int:
-    """Activations at the start of backward: `n_graphs` graphs' stored tensors + (unless `stored_only`) one layer
-    recomputed (with checkpointing) and the backward transients."""
-    a = s.activation_bytes
+def logprob_bytes(shape: ModelShape, s: PlanSettings, batch: int, grad: bool) -> dict[str, int]:
+    """Bytes of the log-probs of `batch` sequences' `R` response tokens (`PolicyValueModel.forward`), at the moments
+    that matter: `forward` (its own peak), `alive` (kept until the forward returns: while the critic runs),
+    `saved` (kept for backward: while the layers run backward) and `backward` (the peak of its backward).
+
+    Unchunked (`logprob_chunk_size=None`): the model's logits of the last `R + 1` positions (`a` bytes), their
+    float32 `/ temperature` copy `z` (kept for backward), the `.float()` copy of bf16 logits during the division.
+    On the CPU TRL loops: `selective_log_softmax` takes one row's `logsumexp` at a time (its `x - max` scratch,
+    `4*R*V`), `entropy_from_logits` 128 rows at a time (log-softmax, exp, product: `12*128*V`), and backward holds the
+    per-row gradients, their stack and the gather's scattered gradient: `12*N*V` (`N = batch * R`). On a GPU TRL
+    runs its fused Triton kernel: no scratch, backward = `z` + its gradient, `8*N*V`.
+    Chunked (`trl_gae_ext.logprobs.chunked_logprobs`, chunks of `c` positions): the scored hidden states copied to
+    `[N, H]` and kept; per chunk float32 logits + logsumexp's scratch (`8*c*V`), `12*c*V` with the entropy
+    (its exp and the negated product); backward rebuilds the logits and their softmax (`8*c*V`) next to the
+    hidden states' gradient. Measured on the CPU with the allocator's records (`docs/memory.md`).
+    """
+    r, v, a = s.response_length, shape.vocab_size, s.activation_bytes
+    n = batch * r
+    if s.logprob_chunk_size is None:
+        logits, z = a * batch * (r + 1) * v, 4 * n * v
+        fused = s.device == "cuda"
+        scratch = 0 if fused else (ENTROPY_SCRATCH_BYTES * min(ENTROPY_ROWS, n) * v if grad else 4 * r * v)
+        forward = logits + z + max(4 * n * v if a != 4 else 0, scratch)
+        return dict(forward=forward, alive=logits + z, saved=z, backward=(8 if fused else 12) * n * v)
+    c = min(s.logprob_chunk_size, n)
+    hidden = n * shape.hidden_size * a
+    chunk = (CHUNK_ENTROPY_BYTES if grad else CHUNK_FORWARD_BYTES) * c * v
+    return dict(forward=hidden + chunk, alive=hidden, saved=hidden, backward=2 * hidden + CHUNK_BACKWARD_BYTES * c * v)
+
+
+def _training_terms(shape: ModelShape, s: PlanSettings, gradients: int) -> dict[str, Any]:
+    """The training step of one micro-batch: policy forward (log-probs, entropy), critic forward, joint backward
+    (critic graph first: it was built last), AdamW. Each moment that can be the peak, in bytes above the weights,
+    adapters and optimizer states. Gradients exist from the first backward to `zero_grad`: in the forward moments
+    only when micro-batches accumulate into one optimizer step."""
+    a, h = s.activation_bytes, shape.hidden_size
     tokens = s.micro_batch * (s.prompt_length + s.response_length)
+    n_graphs = 1 if s.value_head == "shared" else 2  # policy and critic graphs live together until backward
     full = layer_activation_bytes(shape, s.lora_r, s.lora_target, DTYPE_BYTES[s.dtype], fp32_stream=a == 4)
-    # Gradients of the residual stream and the MLP intermediate, the head's hidden states, during backward
-    # (measured ~22H + 0.9I bytes per token for a bf16 stream on the CPU).
-    backward_transient = a * (10 * shape.hidden_size + shape.intermediate_size // 2)
-    if s.gradient_checkpointing:  # each graph keeps every layer's input; one layer is recomputed at a time
-        stored, working = n_graphs * shape.num_layers * a * shape.hidden_size, full + backward_transient
+    # checkpointing keeps each layer's input and recomputes one layer at a time in backward
+    stored = tokens * shape.num_layers * (a * h if s.gradient_checkpointing else full)
+    recomputed = tokens * full if s.gradient_checkpointing else 0
+    policy_outside = tokens * _outside_layers_bytes(shape, s, with_values=False)
+    all_outside = tokens * _outside_layers_bytes(shape, s, with_values=True)
+    c_h, c_i, c_0 = LAYER_BACKWARD_BYTES[a]
+    backward_transient = tokens * int(c_h * h + c_i * shape.intermediate_size + c_0)
+    lp = logprob_bytes(shape, s, s.micro_batch, grad=True)
+    # Gradients appear as backward reaches each parameter; all of them exist in a forward only when micro-batches
+    # accumulate. The critic's backward runs first (its graph was built last), so the critic's adapter gradients
+    # exist when the policy's backward starts.
+    all_grads = gradients if s.batch_size // (s.micro_batch * s.num_mini_batches) > 1 else 0
+    critic_grads = max(all_grads, gradients // 2 if n_graphs == 2 else 0)
+    layer_backward = recomputed + backward_transient
+    moments = {
+        "policy log-probs forward": all_grads + stored + policy_outside + lp["forward"],
+        "policy log-probs backward": critic_grads + stored + policy_outside + lp["backward"],
+    }
+    if n_graphs == 2:  # the critic's forward runs while the policy's log-prob tensors are still alive
+        infer = tokens * _inference_layer_bytes(shape, s)
+        moments["critic forward"] = all_grads + 2 * stored + policy_outside + lp["alive"] + infer
+        moments["critic layers backward"] = all_grads + 2 * stored + all_outside + lp["saved"] + layer_backward
+        moments["policy layers backward"] = critic_grads + stored + policy_outside + layer_backward
     else:
-        stored, working = n_graphs * shape.num_layers * full, backward_transient
-    return tokens * (stored if stored_only else stored + working)
+        moments["policy layers backward"] = all_grads + stored + all_outside + lp["saved"] + layer_backward
+    return dict(
+        activations=n_graphs * stored + all_outside + recomputed + backward_transient,
+        policy_activations=stored,
+        logits=max(lp["forward"], lp["backward"]),
+        logits_saved=lp["saved"],
+        training_moments=moments,
+    )
+
+
+def _outside_layers_bytes(shape: ModelShape, s: PlanSettings, with_values: bool) -> int:
+    """Bytes per token the graphs keep outside the decoder layers. The policy's: its final RMSNorm's fp32 input (4H)
+    and the rotary cos/sin (`a * head_dim`). `with_values` adds the critic's (after the critic forward): its own
+    final norm input (4H, unless the shared layout reads the policy's) and the value head's fp32 input (on an fp32
+    stream a view that keeps the whole last hidden state, 4H; on a bf16 stream a copy of the R + 1 scored positions
+    plus the bf16 hidden state it was cut from). Measured with the allocator: 12H + 4hd per token on the fp32
+    stream, ~11H on the bf16 one (R/T = 1/4), adapter layout."""
+    a, h, seq = s.activation_bytes, shape.hidden_size, s.prompt_length + s.response_length
+    policy = 4 * h + a * shape.head_dim
+    if not with_values:
+        return policy
+    value_input = 4 * h if a == 4 else 4 * h * (s.response_length + 1) // seq + a * h
+    return policy + (0 if s.value_head == "shared" else 4 * h) + value_input
 
 
 def _inference_layer_bytes(shape: ModelShape, s: PlanSettings) -> int:
     """No-grad forward: the largest transient of one layer per token (MLP gate/up/act/product, LoRA outputs)."""
-    return INFERENCE_LAYER_BYTES[s.activation_bytes] * (shape.hidden_size + shape.intermediate_size)
+    c_h, c_i = INFERENCE_LAYER_BYTES[s.activation_bytes]
+    return c_h * shape.hidden_size + c_i * shape.intermediate_size
 
 
 def _gen_batch(s: PlanSettings) -> int:
@@ -452,36 +433,28 @@ def _gen_batch(s: PlanSettings) -> int:
 
 
 def _generation_workspace(shape: ModelShape, s: PlanSettings) -> int:
+    """The larger of the prefill's per-layer transient and a decoding step's next-token logits (one position's
+    logits, `logits_to_keep=1`, + fp32 copy, processed scores, probabilities); they never coexist."""
     b = _gen_batch(s)
     prefill = b * s.prompt_length * _inference_layer_bytes(shape, s)
-    # `generate` keeps one position's logits (logits_to_keep=1) + fp32 copy, processed scores, probabilities
     next_token_logits = b * shape.vocab_size * (s.activation_bytes + 3 * 4)
-    return prefill + next_token_logits
+    return max(prefill, next_token_logits)
 
 
 def _scoring_workspace(shape: ModelShape, s: PlanSettings) -> int:
-    b, seq = _gen_batch(s), s.prompt_length + s.response_length
-    a = s.activation_bytes
-    logits = (a + 4 + (4 if a != 4 else 0)) * b * s.response_length * shape.vocab_size
-    return logits + b * seq * _inference_layer_bytes(shape, s)
-
-
-def _targeted_names(shape: ModelShape, target) -> set[str]:
-    if target == "all-linear":
-        return set(LINEAR_NAMES)
-    names = {target} if isinstance(target, str) else set(target)
-    unknown = sorted(names - set(shape.linears()))
-    if unknown:
-        raise ValueError(
-            f"unknown LoRA target(s) {unknown}; use 'all-linear' or names among {', '.join(LINEAR_NAMES)}."
-        )
-    return names
-
-
-def _dtype_bytes(dtype: str) -> int:
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"`dtype={dtype!r}` is not one of {', '.join(DTYPE_BYTES)}.")
-    return DTYPE_BYTES[dtype]
+    """No-grad policy, critic and reference passes over one chunk of `b` sequences: the larger of a log-prob pass
+    and the critic pass (a layer's transient) run while the policy's log-prob tensors are alive."""
+    b, seq, a = _gen_batch(s), s.prompt_length + s.response_length, s.activation_bytes
+    lp = logprob_bytes(shape, s, b, grad=False)
+    # the policy's last hidden states [b, T, H] stay alive beside the chunked log-probs; the shared layout asks the
+    # model for every layer's hidden states
+    hidden = b * seq * shape.hidden_size * a * (shape.num_layers + 1 if s.value_head == "shared" else 1)
+    if s.value_head == "shared":
+        return hidden + lp["forward"]
+    critic = lp["alive"] + b * seq * _inference_layer_bytes(shape, s)
+    if s.logprob_chunk_size is not None:
+        return hidden + max(lp["forward"], critic)
+    return max(lp["forward"], critic)
 
 
 # -- suggestions -----------------------------------------------------------------------------------------------------
@@ -498,6 +471,12 @@ def _candidates(s: PlanSettings) -> dict[str, list[tuple[str, PlanSettings]]]:
         kinds["layout"] = [
             ('value_head="adapter" (critic = second adapter on one base)', replace(s, value_head="adapter"))
         ]
+    if s.logprob_chunk_size is None:
+        kinds["logprobs"] = [(f"logprob_chunk_size={DEFAULT_LOGPROB_CHUNK_SIZE} (no full-vocabulary logits)",
+                              replace(s, logprob_chunk_size=DEFAULT_LOGPROB_CHUNK_SIZE))]  # fmt: skip
+    if s.load_in_4bit and s.kbit_upcast:
+        kinds["upcast"] = [("--no-kbit-upcast (embeddings, lm_head and activations in bf16)",
+                            replace(s, kbit_upcast=False))]  # fmt: skip
     sizes = [s.micro_batch // 2**k for k in range(1, 8) if s.micro_batch // 2**k >= 1]
     kinds["micro_batch"] = [
         (f"micro batch {mb} (per_device_train_batch_size={mb}, gradient_accumulation_steps="
@@ -510,6 +489,8 @@ def _candidates(s: PlanSettings) -> dict[str, list[tuple[str, PlanSettings]]]:
          replace(s, rollout_forward_batch_size=b))
         for b in chunks
     ]  # fmt: skip
+    if s.optimizer == "adamw":
+        kinds["optimizer"] = [('optim="adamw_bnb_8bit" (8-bit AdamW states)', replace(s, optimizer="adamw_8bit"))]
     ranks = [s.lora_r // 2**k for k in range(1, 5) if s.lora_r // 2**k >= 4]
     kinds["rank"] = [(f"--lora-r {r} (smaller LoRA rank)", replace(s, lora_r=r)) for r in ranks]
     if s.value_head == "adapter":
@@ -570,16 +551,17 @@ def _format_report(est: MemoryEstimate, gpu_gib: float | None) -> str:
         f"PPO memory plan for {est.model_name} ({shape.model_type}, {est.num_parameters / 1e9:.2f}B parameters: "
         f"{shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_heads}/{shape.num_kv_heads} heads, "
         f"vocab {shape.vocab_size})",
-        f"  rollout batch {s.batch_size} (micro batch {s.micro_batch}), prompt {s.prompt_length} + response "
-        f"{s.response_length} tokens, value head {s.value_head!r}, gradient checkpointing "
-        f"{'on' if s.gradient_checkpointing else 'off'}, {s.dtype}; trainable {est.trainable_parameters / 1e6:.1f}M",
+        f"  rollout batch {s.batch_size} = micro batch {s.micro_batch} x {s.batch_size // s.micro_batch} "
+        f"(per_device_train_batch_size={s.micro_batch}, num_mini_batches={s.num_mini_batches}), prompt "
+        f"{s.prompt_length} + response {s.response_length} tokens, value head {s.value_head!r}, gradient "
+        f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.dtype}, log-probs "
+        f"{f'in chunks of {s.logprob_chunk_size}' if s.logprob_chunk_size else 'from full logits'}"
+        f"{', fp32 upcast' if s.load_in_4bit and s.kbit_upcast else ''}; trainable {est.trainable_parameters / 1e6:.1f}M",
         f"  {'component':<54}{'GiB':>7}",
     ]
     lines += [f"    {label:<52}{_gib(n)}" for label, n in est.components()]
-    lines.append(
-        f"  training = weights, adapters, optimizer + gradients + max(activations + {est.logits_saved / GIB:.2f} saved "
-        f"logits, {est.policy_activations / GIB:.2f} policy activations + logits)"
-    )
+    moments = ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.training_moments.items())
+    lines.append(f"  training working set (above weights, adapters, optimizer states) at: {moments}")
     lines.append("  phase peaks (incl. overhead): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.phases.items()))
     verdict = f"  peak: {est.peak / GIB:.2f} GiB ({est.peak_phase})"
     if gpu_gib is not None:
@@ -601,7 +583,8 @@ def build_plan_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     parser.add_argument("--gpu-memory", type=float, default=24.0, help="GPU memory in GiB (default 24)")
     parser.add_argument("--batch-size", type=int, default=8, help="rollout batch per device (default 8)")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="training micro batch (default: batch)")
-    parser.add_argument("--num-mini-batches", type=int, default=1)
+    parser.add_argument("--num-mini-batches", type=int, default=2,
+                        help="optimizer steps per rollout batch; micro batch = batch / this (default 2: 8 = 4 x 2)")  # fmt: skip
     parser.add_argument("--prompt-length", type=int, default=256)
     parser.add_argument("--response-length", type=int, default=512)
     parser.add_argument("--rollout-forward-batch-size", type=int, default=64)
@@ -612,8 +595,13 @@ def build_plan_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     parser.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATE_BYTES), default="adamw")
     parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bfloat16")
-    parser.add_argument("--kbit-upcast", action=argparse.BooleanOptionalAction, default=True,
-                        help="4-bit base prepared by prepare_model_for_kbit_training, as trl_gae_ext does (fp32 rest)")  # fmt: skip
+    parser.add_argument("--kbit-upcast", action=argparse.BooleanOptionalAction, default=False,
+                        help="embeddings, lm_head and norms of the 4-bit base upcast to fp32 (PEFT's "
+                             "prepare_model_for_kbit_training): fp32 activations, KV cache and logits")  # fmt: skip
+    parser.add_argument("--logprob-chunk-size", type=int, default=DEFAULT_LOGPROB_CHUNK_SIZE,
+                        help="PPOConfig.logprob_chunk_size: positions per chunk of log-probs; 0 = full logits")  # fmt: skip
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: what the CPU allocator holds (no CUDA context, fragmentation or fused kernels)")  # fmt: skip
     return parser
 
 
@@ -627,7 +615,7 @@ def add_plan_subparser(subparsers) -> argparse.ArgumentParser:
 
 _PLAN_ARGS = ("batch_size", "prompt_length", "response_length", "load_in_4bit", "lora_r", "gradient_checkpointing",
               "num_mini_batches", "micro_batch_size", "optimizer", "dtype", "rollout_forward_batch_size",
-              "kbit_upcast")  # fmt: skip
+              "kbit_upcast", "device")  # fmt: skip
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -635,6 +623,7 @@ def run_plan(args: argparse.Namespace) -> int:
         config, name, note = load_model_config(args.model)
         layouts = VALUE_HEAD_LAYOUTS if args.value_head == "all" else (args.value_head,)
         kwargs = {key: getattr(args, key) for key in _PLAN_ARGS}
+        kwargs["logprob_chunk_size"] = args.logprob_chunk_size or None
         estimates = [estimate_ppo_memory(config, value_head=v, model_name=name, **kwargs) for v in layouts]
     except (PlanError, ValueError) as err:
         print(f"trl-gae plan: error: {err}", file=sys.stderr)
