@@ -42,6 +42,11 @@ class PPOConfig(TrainingArguments):
             full-precision policy instead of all weights; an alternative to LoRA.
         logprob_chunk_size (`int`, *optional*, defaults to `512`): tokens per chunk of the lm_head projection and
             log-softmax when log-probs are computed, so the `[B, T, V]` logits never exist; None computes them whole.
+        kbit_upcast (`bool`, defaults to `False`): on a 4-bit/8-bit base, cast the unquantized weights
+            (embeddings, lm_head, norms) to float32 as peft's `prepare_model_for_kbit_training` does; False keeps them
+            in the compute dtype.
+        activation_checkpointing (`bool`, *optional*): None (default) turns it on for a 4-bit/8-bit policy and off
+            otherwise; an explicit True or False (or the deprecated `gradient_checkpointing`) is kept.
 
     Parameters that control the rollout (generation):
         max_prompt_length (`int`, *optional*, defaults to `512`): prompts are truncated on the left to this many tokens.
@@ -108,6 +113,13 @@ class PPOConfig(TrainingArguments):
             "help": "Tokens per chunk of the lm_head projection + log-softmax in the scoring and training passes, so "
             "the full-vocabulary logits [B, T, V] never exist; None computes them whole. Models whose logits are not "
             "a plain projection of the hidden states (e.g. final-logit softcapping) always use their full logits."
+        },
+    )
+    kbit_upcast: bool = field(
+        default=False,
+        metadata={
+            "help": "On a 4-bit/8-bit base, cast the unquantized weights (embeddings, lm_head, norms) to float32, as "
+            "peft's prepare_model_for_kbit_training does. False keeps them in the compute dtype (docs/ppo.md)."
         },
     )
 
@@ -236,7 +248,11 @@ class PPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        # neither name given: left None ("auto") for `qlora.resolve_activation_checkpointing` once the policy is loaded
+        auto_checkpointing = self.activation_checkpointing is None and self.gradient_checkpointing is None
         super().__post_init__()
+        if auto_checkpointing:
+            self.activation_checkpointing = self.gradient_checkpointing = None
         _check_choice("value_head", self.value_head, VALUE_HEAD_LAYOUTS)
         _check_choice("advantage_level", self.advantage_level, ADVANTAGE_LEVELS)
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
