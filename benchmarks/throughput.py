@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                                  # hidden 256, 4 layers: ~5 min on 2 CPU cores
     python benchmarks/throughput.py --hidden-size 128 --num-layers 2 # the smallest setting: ~2 min
+    python benchmarks/throughput.py --baseline unchunked             # chunked log-probs (512) vs full logits
 
 TRL removed its `PPOTrainer` in 1.13, so the baseline runs in a throwaway virtualenv (`--venv`, cached between runs)
 that sees the system packages (torch, transformers, accelerate, datasets) and has only `trl==1.12.0` installed on top,
@@ -17,6 +18,10 @@ Both trainers get the same setting, so the ratio measures the trainers and nothi
 - no stop token on either side (every response has `--response-length` tokens), no saving, no reporting;
 - each trainer runs in its own subprocess with the same seed, thread count and `OMP_WAIT_POLICY=PASSIVE` (spinning
   OpenMP threads collapse when other processes share the cores); `--rounds` runs per trainer, alternating the order.
+
+`--baseline unchunked` compares `trl_gae_ext.PPOTrainer` with itself instead: `logprob_chunk_size` from
+`--logprob-chunk-size` (512) against `logprob_chunk_size=None` (full logits), rounds alternating the same way; no
+virtualenv is needed.
 
 Timing: wall clock from the end of the first PPO iteration (the warm-up: lazy inits, allocator growth) to the end of
 the last one, measured by a `TrainerCallback` at the iteration boundaries; constructors are excluded.
@@ -233,6 +238,11 @@ def _common_args(spec: dict, output_dir: str) -> dict:
     )
 
 
+def worker_unchunked(spec: dict) -> dict:
+    """`trl_gae_ext.PPOTrainer` with full logits (`logprob_chunk_size=None`), the baseline of `--baseline unchunked`."""
+    return worker_ours({**spec, "logprob_chunk_size": None})
+
+
 def worker_ours(spec: dict) -> dict:
     import torch
     from datasets import Dataset
@@ -249,6 +259,7 @@ def worker_ours(spec: dict) -> dict:
         lam_critic=None,  # TRL 1.12: one lambda for actor and critic
         whiten_advantages=True,
         logging_steps=spec["num_ppo_epochs"] * spec["num_mini_batches"],  # one log per iteration
+        logprob_chunk_size=spec.get("logprob_chunk_size", 512),
     )
     clock = _clock_callback(args.steps_per_rollout)
     t0 = time.perf_counter()
@@ -265,7 +276,8 @@ def worker_ours(spec: dict) -> dict:
     t1 = time.perf_counter()
     trainer.train()
     logs = [h for h in trainer.state.log_history if "objective/kl" in h]
-    return _result(spec, clock, t1 - t0, logs, trainer_version=f"trl_gae_ext {trl_gae_ext.__version__}", torch=torch)
+    version = f"trl_gae_ext {trl_gae_ext.__version__}, logprob_chunk_size={args.logprob_chunk_size}"
+    return _result(spec, clock, t1 - t0, logs, trainer_version=version, torch=torch)
 
 
 def worker_old(spec: dict) -> dict:
@@ -370,7 +382,12 @@ def _repo_revision() -> str:
     )
 
 
+BASELINES = {"trl-1.12": ("old", "trl.experimental.ppo.PPOTrainer", "TRL 1.12"),
+             "unchunked": ("unchunked", "trl_gae_ext.PPOTrainer", "unchunked")}  # fmt: skip
+
+
 def report(spec: dict, ours: list[dict], old: list[dict], wall_s: float) -> str:
+    _, baseline_class, baseline = BASELINES[spec.get("baseline", "trl-1.12")]
     a, b = summarize(ours), summarize(old)
     ratio = a["episodes_per_s"] / b["episodes_per_s"]
     cpu_ratio = b["cpu_s_per_episode"] / a["cpu_s_per_episode"]
@@ -383,10 +400,7 @@ def report(spec: dict, ours: list[dict], old: list[dict], wall_s: float) -> str:
         "| trainer | episodes/s | per round | s/iteration (median) | CPU s/episode | constructor s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    names = (
-        f"trl_gae_ext.PPOTrainer ({a['first']['trainer']})",
-        f"trl.experimental.ppo.PPOTrainer ({b['first']['trainer']})",
-    )
+    names = (f"trl_gae_ext.PPOTrainer ({a['first']['trainer']})", f"{baseline_class} ({b['first']['trainer']})")
     for name, r in zip(names, (a, b)):
         rounds = " / ".join(f"{x:.2f}" for x in r["rounds"])
         lines.append(
@@ -394,7 +408,7 @@ def report(spec: dict, ours: list[dict], old: list[dict], wall_s: float) -> str:
             f"{r['cpu_s_per_episode']:.3f} | {r['init_s']:.2f} |"
         )
     lines += [
-        f"| **ratio ours / TRL 1.12** | **{ratio:.2f}x** | | | {cpu_ratio:.2f}x | |",
+        f"| **ratio ours / {baseline}** | **{ratio:.3f}x** | | | {cpu_ratio:.2f}x | |",
         "",
         "Settings: policy, reward and value models Llama-style, hidden "
         f"{spec['hidden_size']}, {spec['num_layers']} layers, {spec['num_heads']} heads, vocab {spec['vocab_size'] + 7} "
@@ -409,7 +423,7 @@ def report(spec: dict, ours: list[dict], old: list[dict], wall_s: float) -> str:
         "",
         "First-iteration metrics, first round (sanity check: KL to the reference ~0, ratio ~1 on both sides):",
         "",
-        "| metric | trl_gae_ext | TRL 1.12 |",
+        f"| metric | trl_gae_ext | {baseline} |",
         "|---|---:|---:|",
     ]
     for key in METRICS:
@@ -440,7 +454,14 @@ def main() -> None:
     parser.add_argument("--venv", default="/tmp/trl112-venv", help="cached virtualenv for trl==1.12.0")
     parser.add_argument("--workdir", default="/tmp/trl-gae-throughput", help="models, logs and results")
     parser.add_argument("--json", help="also write the settings and every run's result to this JSON file")
-    parser.add_argument("--worker", choices=("ours", "old"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        choices=tuple(BASELINES),
+        default="trl-1.12",
+        help="trl-1.12: TRL 1.12's PPOTrainer; unchunked: ours with logprob_chunk_size=None",
+    )
+    parser.add_argument("--logprob-chunk-size", type=int, default=512, help="ours' logprob_chunk_size")
+    parser.add_argument("--worker", choices=("ours", "old", "unchunked"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -448,7 +469,7 @@ def main() -> None:
     if args.worker:
         with open(args.spec) as f:
             spec = json.load(f)
-        result = (worker_ours if args.worker == "ours" else worker_old)(spec)
+        result = {"ours": worker_ours, "old": worker_old, "unchunked": worker_unchunked}[args.worker](spec)
         with open(args.result, "w") as f:
             json.dump(result, f, indent=1)
         return
@@ -464,27 +485,28 @@ def main() -> None:
     spec = {k: v for k, v in vars(args).items() if k not in ("worker", "spec", "result", "venv", "json", "workdir")}
     spec.update(workdir=workdir, model_dir=os.path.join(workdir, "models"), num_prompts=4 * args.batch_size)
     os.makedirs(spec["model_dir"], exist_ok=True)
-    old_python = ensure_venv(args.venv, torch.__version__.split("+")[0])
+    baseline = BASELINES[args.baseline][0]
+    old_python = ensure_venv(args.venv, torch.__version__.split("+")[0]) if baseline == "old" else sys.executable
     build_models(spec)
     spec_path = os.path.join(workdir, "spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f, indent=1)
 
-    runs: dict[str, list[dict]] = {"ours": [], "old": []}
+    runs: dict[str, list[dict]] = {"ours": [], baseline: []}
     for r in range(args.rounds):
         # alternate the order so a slow drift in background load does not favour one side
-        for which in ("old", "ours") if r % 2 == 0 else ("ours", "old"):
+        for which in (baseline, "ours") if r % 2 == 0 else ("ours", baseline):
             python = old_python if which == "old" else sys.executable
             runs[which].append(run_worker(python, which, spec_path, workdir, r))
     for name, results in runs.items():
         kl = results[0]["first_iteration"].get("objective/kl")
         if kl is None or abs(kl) > 1e-2:
             print(f"WARNING: {name} first-iteration KL to the reference is {kl}, expected ~0.", flush=True)
-    text = report(spec, runs["ours"], runs["old"], time.perf_counter() - start)
+    text = report(spec, runs["ours"], runs[baseline], time.perf_counter() - start)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": spec, "ours": runs["ours"], "trl_1_12": runs["old"]}, f, indent=1)
+            json.dump({"settings": spec, "ours": runs["ours"], args.baseline: runs[baseline]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,13 @@ class PPOConfig(TrainingArguments):
             `value_model`) is given as an id or path.
         trainable_layers (`int`, *optional*): train only the last N transformer blocks (and the head) of a
             full-precision policy instead of all weights; an alternative to LoRA.
+        logprob_chunk_size (`int`, *optional*, defaults to `512`): tokens per chunk of the lm_head projection and
+            log-softmax when log-probs are computed, so the `[B, T, V]` logits never exist; None computes them whole.
+        kbit_upcast (`bool`, defaults to `False`): on a 4-bit/8-bit base, cast the unquantized weights
+            (embeddings, lm_head, norms) to float32 as peft's `prepare_model_for_kbit_training` does; False keeps them
+            in the compute dtype.
+        activation_checkpointing (`bool`, *optional*): None (default) turns it on for a 4-bit/8-bit policy and off
+            otherwise; an explicit True or False (or the deprecated `gradient_checkpointing`) is kept.
 
     Parameters that control the rollout (generation):
         max_prompt_length (`int`, *optional*, defaults to `512`): prompts are truncated on the left to this many tokens.
@@ -99,6 +106,21 @@ class PPOConfig(TrainingArguments):
         metadata={
             "help": "Train only the last N transformer blocks (plus the final norm and head) of a full-precision "
             "policy: the first article's alternative to LoRA. None trains every weight."
+        },
+    )
+    logprob_chunk_size: int | None = field(
+        default=512,
+        metadata={
+            "help": "Tokens per chunk of the lm_head projection + log-softmax in the scoring and training passes, so "
+            "the full-vocabulary logits [B, T, V] never exist; None computes them whole. Models whose logits are not "
+            "a plain projection of the hidden states (e.g. final-logit softcapping) always use their full logits."
+        },
+    )
+    kbit_upcast: bool = field(
+        default=False,
+        metadata={
+            "help": "On a 4-bit/8-bit base, cast the unquantized weights (embeddings, lm_head, norms) to float32, as "
+            "peft's prepare_model_for_kbit_training does. False keeps them in the compute dtype (docs/ppo.md)."
         },
     )
 
@@ -240,7 +262,11 @@ class PPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        # neither name given: left None ("auto") for `qlora.resolve_activation_checkpointing` once the policy is loaded
+        auto_checkpointing = self.activation_checkpointing is None and self.gradient_checkpointing is None
         super().__post_init__()
+        if auto_checkpointing:
+            self.activation_checkpointing = self.gradient_checkpointing = None
         _check_choice("value_head", self.value_head, VALUE_HEAD_LAYOUTS)
         _check_choice("advantage_level", self.advantage_level, ADVANTAGE_LEVELS)
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
@@ -277,6 +303,9 @@ class PPOConfig(TrainingArguments):
         for name in ("num_ppo_epochs", "num_mini_batches", "response_length", "local_rollout_forward_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        chunk = self.logprob_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"`logprob_chunk_size` must be a positive int or None, got {chunk!r}.")
         if self.critic_warmup_steps < 0:
             raise ValueError(f"`critic_warmup_steps` must be >= 0, got {self.critic_warmup_steps}.")
         if self.trainable_layers is not None and self.trainable_layers < 0:

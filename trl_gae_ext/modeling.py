@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax, use_adapter
 
+from .logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs
 from .value_head import ValueHead
 
 
@@ -144,10 +146,89 @@ def freeze_all_but_last_layers(model: PreTrainedModel, num_layers: int) -> None:
         head.requires_grad_(True)
 
 
-class PolicyValueModel(nn.Module):
-    """Policy + critic as one module, the `model` a `transformers.Trainer` optimizes and checkpoints."""
+# Config fields that make a causal LM's logits something other than `lm_head(last_hidden_state)`: Gemma 2/3's final
+# logit softcapping, Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's `lm_head_multiplier`. None and
+# 1.0 leave the logits alone; any other value sends scoring through the model's own forward (full logits).
+LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
 
-    def __init__(self, policy: nn.Module, value_head: nn.Module, layout: str, critic: nn.Module | None = None):
+
+def chunkable_lm_head(model: nn.Module) -> nn.Module | None:
+    """The output layer of `model` when its logits are exactly `lm_head(backbone(...).last_hidden_state)`, so that
+    `chunked_logprobs` can compute log-probs from the hidden states; None when they are not (a logit transform in
+    the config, no separate backbone or output layer): the caller then takes the model's own logits."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    if not isinstance(base, PreTrainedModel) or backbone_of(base) is base:
+        return None
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORM_FIELDS):
+        return None
+    head = base.get_output_embeddings()
+    return head if isinstance(head, nn.Module) else None
+
+
+class ResponseScores(NamedTuple):
+    """Shape: `logprobs`, `entropy`: `[B, R]` float32, 0 on padding (`entropy` None unless asked for);
+    `hidden`: `[B, P + R, H]` last hidden states, or None unless asked for."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    hidden: torch.Tensor | None
+
+
+def response_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    num_response_tokens: int,
+    temperature: float = 1.0,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    return_entropy: bool = False,
+    entropy_grad: bool = False,
+    return_hidden: bool = False,
+) -> ResponseScores:
+    """Log-probs (and entropies) of the last `num_response_tokens` tokens under `softmax(logits / temperature)`.
+
+    With a `chunk_size`, the backbone's last hidden states go through `chunked_logprobs`, so the `[B, R, V]` logits
+    never exist (one `[chunk_size, V]` block at a time, recomputed in backward). `chunk_size=None`, or a model whose
+    logits are not a plain projection of the hidden states (`chunkable_lm_head`), takes the model's own logits.
+    Padding positions (`attention_mask == 0`) give 0 either way and no gradient.
+    """
+    r = num_response_tokens
+    targets, mask = input_ids[:, -r:], attention_mask[:, -r:].bool()
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    head = chunkable_lm_head(model) if chunk_size is not None else None
+    if head is not None:
+        hidden = backbone_of(model)(**kwargs).last_hidden_state
+        scores = chunked_logprobs(
+            hidden[:, -r - 1 : -1], head, targets, temperature, mask, chunk_size, return_entropy, entropy_grad
+        )
+        return ResponseScores(scores.logprobs, scores.entropy, hidden if return_hidden else None)
+    result = model(**kwargs, logits_to_keep=r + 1, output_hidden_states=return_hidden)
+    logits = result.logits[:, :-1].float() / temperature
+    logprobs = selective_log_softmax(logits, targets, row_mask=mask)
+    entropy = None
+    if return_entropy:  # a logged statistic unless the loss has an entropy bonus
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits).masked_fill(~mask, 0.0)
+    return ResponseScores(logprobs, entropy, result.hidden_states[-1] if return_hidden else None)
+
+
+class PolicyValueModel(nn.Module):
+    """Policy + critic as one module, the `model` a `transformers.Trainer` optimizes and checkpoints.
+
+    `logprob_chunk_size` tokens at a time go through the lm_head when log-probs are computed (`response_logprobs`);
+    None computes the full logits.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        value_head: nn.Module,
+        layout: str,
+        critic: nn.Module | None = None,
+        logprob_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    ):
         super().__init__()
         if layout == "separate" and critic is None:
             raise ValueError("The 'separate' critic layout needs a critic backbone.")
@@ -157,6 +238,7 @@ class PolicyValueModel(nn.Module):
         self.value_head = value_head
         self.critic = critic
         self.layout = layout
+        self.logprob_chunk_size = logprob_chunk_size
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(
@@ -187,22 +269,15 @@ class PolicyValueModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         hidden = None
         if compute_policy:
-            need_hidden = compute_values and self.layout == "shared"
-            result = self.policy(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                logits_to_keep=r + 1,
-                output_hidden_states=need_hidden,
-                use_cache=False,
-            )
-            logits = result.logits[:, :-1].float() / temperature
-            out["logprobs"] = selective_log_softmax(logits, input_ids[:, -r:])
-            if compute_entropy:  # a logged statistic unless the loss has an entropy bonus
-                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                    out["entropy"] = entropy_from_logits(logits)
-            if need_hidden:
-                hidden = result.hidden_states[-1]
+            scored = response_logprobs(
+                self.policy, input_ids, attention_mask, position_ids, r, temperature, self.logprob_chunk_size,
+                return_entropy=compute_entropy, entropy_grad=entropy_grad,
+                return_hidden=compute_values and self.layout == "shared",
+            )  # fmt: skip
+            out["logprobs"] = scored.logprobs
+            if compute_entropy:
+                out["entropy"] = scored.entropy
+            hidden = scored.hidden
         if compute_values:
             if hidden is None:
                 # the shared backbone is the policy: values that must not train it read it without gradients
@@ -242,16 +317,11 @@ class PolicyValueModel(nn.Module):
                 return self.forward(input_ids, attention_mask, num_response_tokens, temperature, compute_values=False)[
                     "logprobs"
                 ]
-        r = num_response_tokens
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = ref_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=r + 1,
-            use_cache=False,
-        ).logits
-        return selective_log_softmax(logits[:, :-1].float() / temperature, input_ids[:, -r:])
+        return response_logprobs(
+            ref_model, input_ids, attention_mask, position_ids, num_response_tokens, temperature,
+            self.logprob_chunk_size,
+        ).logprobs  # fmt: skip
 
     # -- Trainer integration -----------------------------------------------------------------------------------
     def activation_checkpointing_enable(

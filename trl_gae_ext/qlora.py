@@ -35,7 +35,8 @@ def is_quantized(model) -> bool:
 def load_policy(model, args, quantization_config=None) -> PreTrainedModel:
     """Load `model` (an id or path) as a causal LM with `args.model_init_kwargs`, or take a loaded model as is.
 
-    A quantized model is prepared for k-bit training (norms in fp32, input grads for checkpointing).
+    A quantized model's weights are frozen, its unquantized ones cast to float32 only with `args.kbit_upcast`
+    (`prepare_model_for_kbit_training`), and activation checkpointing is resolved (`resolve_activation_checkpointing`).
     """
     if isinstance(model, str):
         kwargs = model_init_kwargs(args)
@@ -50,12 +51,25 @@ def load_policy(model, args, quantization_config=None) -> PreTrainedModel:
             "quantized yourself (`from_pretrained(..., quantization_config=...)`) and drop `quantization_config`."
         )
     if is_quantized(model) and not getattr(model, "_hf_peft_config_loaded", False):
-        from peft import prepare_model_for_kbit_training
+        if getattr(args, "kbit_upcast", False):
+            from peft import prepare_model_for_kbit_training
 
-        # checkpointing is left to `PolicyValueModel.activation_checkpointing_enable`, which the Trainer calls: it
-        # sets the checkpoint kwargs the critic layout needs
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            # checkpointing is left to `PolicyValueModel.activation_checkpointing_enable`, which the Trainer calls: it
+            # sets the checkpoint kwargs the critic layout needs
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        else:
+            # All or nothing: float32 norms alone would make the residual stream float32 (bitsandbytes returns its
+            # input's dtype), which a compute-dtype lm_head cannot multiply. Measured in docs/ppo.md: no PPO gain.
+            model.requires_grad_(False)
+    resolve_activation_checkpointing(args, model)
     return model
+
+
+def resolve_activation_checkpointing(args, model) -> None:
+    """Turn activation checkpointing on for a 4-bit/8-bit policy when the user left it unset (None): a QLoRA run is
+    run for its memory, and checkpointing is most of the activation saving. An explicit True or False is kept."""
+    if getattr(args, "activation_checkpointing", False) is None:
+        args.activation_checkpointing = args.gradient_checkpointing = is_quantized(model)
 
 
 def _extra_adapter_config(config):

@@ -192,7 +192,7 @@ class PPOTrainer(Trainer):
         for m in (policy, critic, ref_model):
             if m is not None:
                 disable_dropout(m)  # the first PPO epoch must see ratio == 1
-        wrapper = PolicyValueModel(policy, head, layout, critic)
+        wrapper = PolicyValueModel(policy, head, layout, critic, args.logprob_chunk_size)
 
         super().__init__(
             model=wrapper,
