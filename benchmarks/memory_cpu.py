@@ -69,7 +69,7 @@ def measure_ppo_phases(
     """Peak allocated bytes per phase of `iterations` PPO iterations of `PPOTrainer` on `model` (a 4-bit causal LM
     with random weights; the trainer prepares it and adds the policy, critic and `ref` adapters). One rollout of
     `batch_size` = `micro_batch_size` x gradient accumulation x `num_mini_batches`. `kbit_upcast`: None leaves the
-    trainer's default; else PPOConfig's `upcast_kbit_fp32` where it exists, and on a trainer without it, False hands
+    trainer's default; else PPOConfig's `kbit_upcast` where it exists, and on a trainer without it, False hands
     the model over without its 4-bit marker (nothing is upcast). `tracker_class`: `live_bytes.AllocatedBytes` (default,
     the allocator's records), `live_bytes.LiveBytes` (op outputs only) or `live_bytes.CudaPeaks` (a GPU run); the
     tracker is returned as `phases["tracker"]` too."""
@@ -83,8 +83,8 @@ def measure_ppo_phases(
 
     micro = micro_batch_size or batch_size // num_mini_batches
     if kbit_upcast is not None:
-        if "upcast_kbit_fp32" in trainer_fields():
-            config_kwargs.setdefault("upcast_kbit_fp32", kbit_upcast)
+        if "kbit_upcast" in trainer_fields():
+            config_kwargs.setdefault("kbit_upcast", kbit_upcast)
         elif not kbit_upcast:
             model.is_loaded_in_4bit = False
     with tempfile.TemporaryDirectory() as out:
@@ -132,7 +132,7 @@ def measure_ppo_phases(
 
 
 def trainer_fields() -> dict:
-    """PPOConfig's fields and defaults in this checkout (`logprob_chunk_size`, `upcast_kbit_fp32` arrived later)."""
+    """PPOConfig's fields and defaults in this checkout (`logprob_chunk_size`, `kbit_upcast` arrived later)."""
     from dataclasses import fields
 
     from trl_gae_ext import PPOConfig
@@ -146,7 +146,7 @@ def trainer_defaults() -> dict:
     known = trainer_fields()
     return {
         "logprob_chunk_size": known.get("logprob_chunk_size"),
-        "kbit_upcast": known.get("upcast_kbit_fp32", True),
+        "kbit_upcast": known.get("kbit_upcast", True),
     }
 
 
