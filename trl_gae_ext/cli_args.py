@@ -40,13 +40,13 @@ PPO_OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "whiten_advantages",
     ),
     "PPO: the KL penalty": ("kl_coef", "kl_estimator", "kl_in_reward"),
-    "PPO: the critic": ("value_head", "value_head_type", "value_head_dropout", "value_head_init_std", "critic_warmup_steps"),
+    "PPO: the critic": ("value_head", "value_head_type", "value_head_dropout", "value_head_init_std", "value_head_return_scale", "critic_warmup_steps"),
     "PPO: the rollout (generation)": (
         "response_length", "max_prompt_length", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
         "stop_token", "stop_token_id", "missing_eos_penalty", "local_rollout_forward_batch_size", "generation_kwargs",
     ),
     "PPO: rewards and completion logging": ("reward_weights", "log_completions", "num_completions_to_print"),
-    "PPO: the policy model": ("model_init_kwargs", "trainable_layers"),
+    "PPO: the policy model and memory": ("model_init_kwargs", "trainable_layers", "logprob_chunk_size", "kbit_upcast"),
 }  # fmt: skip
 # the TrainingArguments most runs set; the other ~100 are behind --help-all
 COMMON_TRAINING_OPTIONS = (
