@@ -77,7 +77,8 @@ def test_two_process_run_whitens_with_global_statistics(tmp_path):
     var = (sum(r["adv_sq_sum"] for r in ranks) - n * mean**2) / (n - 1)
     assert abs(mean) < 1e-5 and var == pytest.approx(1.0, abs=1e-4)
     local_means = [r["adv_sum"] / r["count"] for r in ranks]
-    assert max(abs(m) for m in local_means) > 1e-3
+    # per-process whitening would give each process a mean of 0 up to float32 rounding (~1e-8)
+    assert max(abs(m) for m in local_means) > 1e-4
     # DDP kept the weights in sync, and episodes count both processes
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=0, abs=1e-9)
     assert ranks[0]["logged_episode"][-1] == 16

@@ -163,7 +163,14 @@ def chunkable_lm_head(model: nn.Module) -> nn.Module | None:
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORM_FIELDS):
         return None
     head = base.get_output_embeddings()
-    return head if isinstance(head, nn.Module) else None
+    if not isinstance(head, nn.Module):
+        return None
+    weight = getattr(head, "weight", None)
+    # a ZeRO-3 partition (`ds_id`, numel 0 outside the module's own forward) or an FSDP2 shard (DTensor) is gathered
+    # only by the module's forward hooks, which the chunked path bypasses: these take the model's own logits
+    if weight is None or hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
+        return None
+    return head
 
 
 class ResponseScores(NamedTuple):
