@@ -8,7 +8,6 @@ large part of the total. `benchmarks/memory_cpu.py` runs the same measurement at
 """
 
 import importlib.util
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from trl_gae_ext import PPOConfig  # noqa: E402
 from trl_gae_ext.planner import estimate_ppo_memory  # noqa: E402
 
 
@@ -26,17 +24,21 @@ TOLERANCE = 0.15
 
 # a Qwen2-style shape; the MLP is 5.5x the hidden size, as in Qwen2.5
 SHAPE = dict(hidden_size=64, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-HAS_CHUNKS = any(f.name == "logprob_chunk_size" for f in fields(PPOConfig))
 
 CASES = {
-    # today's trainer path: full logits, fp32 upcast; the entropy's log-softmax of 128 rows sets the training peak
+    # full logits (logprob_chunk_size=None), fp32 upcast; the entropy's log-softmax of 128 rows sets the training peak
     "logits-fp32": dict(shape=dict(vocab_size=4096), batch_size=2, prompt_length=32, response_length=16),
     # a bf16 stream (no fp32 upcast), long prompts, small vocabulary: the critic's checkpointed layers set the peak
     "layers-bf16": dict(shape=dict(vocab_size=256), batch_size=4, prompt_length=64, response_length=16, kbit_upcast=False),
     # micro-batches of 2 accumulated into one optimizer step
     "micro-batches": dict(shape=dict(vocab_size=1024), batch_size=4, prompt_length=48, response_length=16, micro_batch_size=2),
-    # chunked log-probs, once the trainer has them (PPOConfig.logprob_chunk_size)
+    # chunked log-probs (PPOConfig.logprob_chunk_size)
     "chunked": dict(shape=dict(vocab_size=4096), batch_size=2, prompt_length=32, response_length=16, logprob_chunk_size=8),
+    # the recommended QLoRA path: bf16 stream and chunked log-probs
+    "chunked-bf16": dict(
+        shape=dict(vocab_size=4096), batch_size=4, prompt_length=32, response_length=16, logprob_chunk_size=8,
+        kbit_upcast=False,
+    ),
 }  # fmt: skip
 
 
@@ -61,26 +63,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# Calibrated on the trainer before chunked log-probs and `kbit_upcast` were merged into it; since then these three
-# measure 12-24% below the planner in one phase (the planner over-estimates: a safe side, but outside the tolerance).
-# Open in issue 13: recalibrate the full-logits scoring pass and the no-upcast generation pass.
-RECALIBRATE = pytest.mark.xfail(reason="planner not yet recalibrated to the merged trainer (issue 13)", strict=False)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=RECALIBRATE) if n != "chunked" else n for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_planner_matches_measured_phases(name, benchmarks, one_thread):
     memory_gpu, memory_cpu = benchmarks
     case = dict(CASES[name])
     config = {**memory_cpu.TINY_CONFIG, **SHAPE, **case.pop("shape")}
     chunk = case.pop("logprob_chunk_size", None)
-    if chunk is not None and not HAS_CHUNKS:
-        pytest.skip("PPOConfig has no `logprob_chunk_size` yet: the trainer computes full logits")
     upcast = case.pop("kbit_upcast", True)
     model = memory_gpu.build_random_4bit_model(config, torch.device("cpu"))
     # plain SGD keeps no optimizer state, so one PPO iteration shows every phase as the planner counts it
     measured = memory_cpu.measure_ppo_phases(
         model, memory_gpu.build_tokenizer(config["vocab_size"]), iterations=1, optim="sgd", kbit_upcast=upcast,
-        **case, **({"logprob_chunk_size": chunk} if HAS_CHUNKS else {}),
+        logprob_chunk_size=chunk, **case,
     )  # fmt: skip
     planned = estimate_ppo_memory(
         config, **case, optimizer="sgd", kbit_upcast=upcast, logprob_chunk_size=chunk, device="cpu"

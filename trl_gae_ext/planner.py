@@ -60,11 +60,13 @@ DEFAULT_LOGPROB_CHUNK_SIZE = (
 )
 # One layer's recompute + backward on top of its saved tensors, per token, by stream bytes: (per H, per I). The peak
 # is in the MLP's backward: the gradients of the MLP product and of gate/up, with PEFT's fp32 LoRA temporaries.
-# Fitted on the allocator's records of 4 tiny shapes (H 64/128 x I 256-704, docs/memory.md).
-LAYER_BACKWARD_BYTES = {4: (-6.2, 10.5, -467), 2: (7.5, 10.25, -380)}
-# No-grad forward transient of one layer per token, by stream bytes: (per H, per I). The MLP's LoRA outputs are fp32
-# (PEFT keeps adapters in fp32), so its I-sized temporaries cost 16 bytes on either stream; measured on the CPU.
-INFERENCE_LAYER_BYTES = {4: (16, 16), 2: (12, 16)}
+# Fitted on the allocator's records of 4 tiny shapes (H 64/128 x I 256-704, docs/memory.md); the bf16 stream's were
+# refitted on the trainer's `kbit_upcast=False` path (the 4-bit base only frozen, nothing cast).
+LAYER_BACKWARD_BYTES = {4: (-6.2, 10.5, -467), 2: (1.17, 5.13, 103)}
+# No-grad forward transient of one layer per token, by stream bytes: (per H, per I, per token). The MLP's LoRA outputs
+# are fp32 (PEFT keeps adapters in fp32), so its I-sized temporaries cost more than the stream's bytes; the constant
+# is the attention's mask and per-head rows at the fitted lengths. Fitted on the CPU allocator's records (same shapes).
+INFERENCE_LAYER_BYTES = {4: (12.25, 15.25, 392), 2: (8.25, 11.25, 392)}
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
 FRAGMENTATION = 0.10  # caching-allocator reserve over the allocated peak
 
@@ -424,8 +426,8 @@ def _outside_layers_bytes(shape: ModelShape, s: PlanSettings, with_values: bool)
 
 def _inference_layer_bytes(shape: ModelShape, s: PlanSettings) -> int:
     """No-grad forward: the largest transient of one layer per token (MLP gate/up/act/product, LoRA outputs)."""
-    c_h, c_i = INFERENCE_LAYER_BYTES[s.activation_bytes]
-    return c_h * shape.hidden_size + c_i * shape.intermediate_size
+    c_h, c_i, c_0 = INFERENCE_LAYER_BYTES[s.activation_bytes]
+    return int(c_h * shape.hidden_size + c_i * shape.intermediate_size + c_0)
 
 
 def _gen_batch(s: PlanSettings) -> int:
@@ -443,17 +445,18 @@ def _generation_workspace(shape: ModelShape, s: PlanSettings) -> int:
 
 def _scoring_workspace(shape: ModelShape, s: PlanSettings) -> int:
     """No-grad policy, critic and reference passes over one chunk of `b` sequences: the larger of a log-prob pass
-    and the critic pass (a layer's transient) run while the policy's log-prob tensors are alive."""
+    and the critic pass (a layer's transient). Without gradients nothing of the log-prob pass outlives it but the
+    `[b, R]` log-probs, so the two never add up."""
     b, seq, a = _gen_batch(s), s.prompt_length + s.response_length, s.activation_bytes
     lp = logprob_bytes(shape, s, b, grad=False)
-    # the policy's last hidden states [b, T, H] stay alive beside the chunked log-probs; the shared layout asks the
-    # model for every layer's hidden states
+    # the chunked path reads the last hidden states [b, T, H] beside its chunks; the shared layout asks the model for
+    # every layer's hidden states (the critic reads them too)
     hidden = b * seq * shape.hidden_size * a * (shape.num_layers + 1 if s.value_head == "shared" else 1)
     if s.value_head == "shared":
         return hidden + lp["forward"]
-    critic = lp["alive"] + b * seq * _inference_layer_bytes(shape, s)
+    critic = b * seq * _inference_layer_bytes(shape, s)
     if s.logprob_chunk_size is not None:
-        return hidden + max(lp["forward"], critic)
+        return max(hidden + lp["forward"], critic)
     return max(lp["forward"], critic)
 
 
