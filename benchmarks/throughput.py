@@ -3,6 +3,8 @@
     python benchmarks/throughput.py                                  # hidden 256, 4 layers: ~5 min on 2 CPU cores
     python benchmarks/throughput.py --hidden-size 128 --num-layers 2 # the smallest setting: ~2 min
     python benchmarks/throughput.py --baseline unchunked             # chunked log-probs (512) vs full logits
+    python benchmarks/throughput.py --model smollm2 --batch-size 16 --num-ppo-epochs 1 --iterations 3 --rounds 2
+                                                                     # SmolLM2-135M-Instruct: ~15 min on 2 CPU cores
 
 TRL removed its `PPOTrainer` in 1.13, so the baseline runs in a throwaway virtualenv (`--venv`, cached between runs)
 that sees the system packages (torch, transformers, accelerate, datasets) and has only `trl==1.12.0` installed on top,
@@ -18,6 +20,13 @@ Both trainers get the same setting, so the ratio measures the trainers and nothi
 - no stop token on either side (every response has `--response-length` tokens), no saving, no reporting;
 - each trainer runs in its own subprocess with the same seed, thread count and `OMP_WAIT_POLICY=PASSIVE` (spinning
   OpenMP threads collapse when other processes share the cores); `--rounds` runs per trainer, alternating the order.
+
+`--model DIR` (a causal-LM checkpoint; `smollm2` = the offline SmolLM2-135M-Instruct of `trl_gae_ext.assets`) runs
+the same comparison on a real model: the policy is that checkpoint, the reward and value models are
+AutoModelForSequenceClassification(num_labels=1) on the same checkpoint with a fresh score head (the reward's x10,
+as above), all fp32 and fully trained on both sides (no LoRA: TRL 1.12's PPOTrainer takes a PEFT policy only without a
+separate reference, which ours does differently); its own BPE tokenizer, and prompts of `--prompt-length` words of
+its vocabulary that encode to exactly one token each.
 
 `--baseline unchunked` compares `trl_gae_ext.PPOTrainer` with itself instead: `logprob_chunk_size` from
 `--logprob-chunk-size` (512) against `logprob_chunk_size=None` (full logits), rounds alternating the same way; no
@@ -94,6 +103,8 @@ def make_prompts(words: list[str], n: int, length: int, seed: int) -> list[str]:
 
 def build_models(spec: dict) -> None:
     """Tokenizer, policy, reward model and value model saved under `spec['model_dir']`, shared by both runs."""
+    if spec.get("model"):
+        return build_models_from(spec)
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -125,6 +136,66 @@ def build_models(spec: dict) -> None:
         model.save_pretrained(os.path.join(spec["model_dir"], name))
         tokenizer.save_pretrained(os.path.join(spec["model_dir"], name))
     prompts = make_prompts(words, spec["num_prompts"], spec["prompt_length"], spec["seed"])
+    lengths = {len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]}
+    assert lengths == {spec["prompt_length"]}, f"prompts must all be {spec['prompt_length']} tokens, got {lengths}"
+    with open(os.path.join(spec["model_dir"], "prompts.json"), "w") as f:
+        json.dump(prompts, f)
+
+
+def resolve_model(model: str) -> str:
+    """`smollm2` -> the offline SmolLM2-135M-Instruct checkpoint (`trl_gae_ext.assets`); anything else is a path."""
+    if model == "smollm2":
+        from trl_gae_ext.assets import AssetMissing, smollm2_path
+
+        try:
+            return smollm2_path()
+        except AssetMissing as err:
+            raise SystemExit(f"--model smollm2: {err}") from None
+    if not os.path.isdir(model):
+        raise SystemExit(f"--model {model!r}: not a directory with a causal-LM checkpoint (or `smollm2`).")
+    return model
+
+
+def one_token_words(tokenizer, limit: int = 2000) -> list[str]:
+    """Up to `limit` words (ASCII letters, 3+) that the tokenizer encodes, with their leading space, to one token."""
+    words = []
+    for token in sorted(tokenizer.get_vocab(), key=tokenizer.convert_tokens_to_ids):
+        text = tokenizer.convert_tokens_to_string([token])
+        word = text[1:]
+        if text.startswith(" ") and len(word) >= 3 and word.isascii() and word.isalpha():
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1:
+                words.append(word)
+                if len(words) == limit:
+                    break
+    return words
+
+
+def build_models_from(spec: dict) -> None:
+    """`build_models` for `--model DIR`: the checkpoint's policy with no stop token, fresh reward and value heads."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    src = spec["model_path"]
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(spec["seed"])
+    models = {"policy": AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)}
+    for name in ("reward", "value"):
+        models[name] = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype=torch.float32)
+        models[name].config.pad_token_id = tokenizer.pad_token_id
+    with torch.no_grad():
+        models["reward"].score.weight.mul_(10.0)
+    models["policy"].generation_config.eos_token_id = None  # no stop token: fixed-length responses on both sides
+    for name, model in models.items():
+        model.save_pretrained(os.path.join(spec["model_dir"], name))
+        tokenizer.save_pretrained(os.path.join(spec["model_dir"], name))
+    words, rng = one_token_words(tokenizer), random.Random(spec["seed"])
+    prompts = [
+        " " + " ".join(rng.choice(words) for _ in range(spec["prompt_length"])) for _ in range(spec["num_prompts"])
+    ]
     lengths = {len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]}
     assert lengths == {spec["prompt_length"]}, f"prompts must all be {spec['prompt_length']} tokens, got {lengths}"
     with open(os.path.join(spec["model_dir"], "prompts.json"), "w") as f:
@@ -386,6 +457,17 @@ BASELINES = {"trl-1.12": ("old", "trl.experimental.ppo.PPOTrainer", "TRL 1.12"),
              "unchunked": ("unchunked", "trl_gae_ext.PPOTrainer", "unchunked")}  # fmt: skip
 
 
+def _models_text(spec: dict) -> str:
+    if spec.get("model"):
+        return (
+            f"policy = {spec['model']} ({spec['model_path']}), reward and value on the same checkpoint, fully trained"
+        )
+    return (
+        f"policy, reward and value models Llama-style, hidden {spec['hidden_size']}, {spec['num_layers']} layers, "
+        f"{spec['num_heads']} heads, vocab {spec['vocab_size'] + 7} (word-level)"
+    )
+
+
 def report(spec: dict, ours: list[dict], old: list[dict], wall_s: float) -> str:
     _, baseline_class, baseline = BASELINES[spec.get("baseline", "trl-1.12")]
     a, b = summarize(ours), summarize(old)
@@ -410,9 +492,7 @@ def report(spec: dict, ours: list[dict], old: list[dict], wall_s: float) -> str:
     lines += [
         f"| **ratio ours / {baseline}** | **{ratio:.3f}x** | | | {cpu_ratio:.2f}x | |",
         "",
-        "Settings: policy, reward and value models Llama-style, hidden "
-        f"{spec['hidden_size']}, {spec['num_layers']} layers, {spec['num_heads']} heads, vocab {spec['vocab_size'] + 7} "
-        "(word-level); reward and value = AutoModelForSequenceClassification(num_labels=1); fp32; "
+        f"Settings: {_models_text(spec)}; reward and value = AutoModelForSequenceClassification(num_labels=1); fp32; "
         f"rollout batch {spec['batch_size']}, num_mini_batches {spec['num_mini_batches']}, prompt "
         f"{spec['prompt_length']} tokens, response {spec['response_length']} tokens (no stop token), num_ppo_epochs "
         f"{spec['num_ppo_epochs']}, lr {spec['learning_rate']}, kl_coef {spec['kl_coef']} (k1, in the reward, frozen "
@@ -461,6 +541,9 @@ def main() -> None:
         help="trl-1.12: TRL 1.12's PPOTrainer; unchunked: ours with logprob_chunk_size=None",
     )
     parser.add_argument("--logprob-chunk-size", type=int, default=512, help="ours' logprob_chunk_size")
+    parser.add_argument(
+        "--model", help="a causal-LM checkpoint directory, or `smollm2` (offline), instead of the tiny models"
+    )
     parser.add_argument("--worker", choices=("ours", "old", "unchunked"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -484,6 +567,8 @@ def main() -> None:
     workdir = os.path.abspath(args.workdir)
     spec = {k: v for k, v in vars(args).items() if k not in ("worker", "spec", "result", "venv", "json", "workdir")}
     spec.update(workdir=workdir, model_dir=os.path.join(workdir, "models"), num_prompts=4 * args.batch_size)
+    if args.model:
+        spec["model_path"] = resolve_model(args.model)
     os.makedirs(spec["model_dir"], exist_ok=True)
     baseline = BASELINES[args.baseline][0]
     old_python = ensure_venv(args.venv, torch.__version__.split("+")[0]) if baseline == "old" else sys.executable
