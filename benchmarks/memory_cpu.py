@@ -9,9 +9,9 @@ download), its decoder linears quantized to 4-bit NF4 with double quantization b
 (`benchmarks/memory_gpu.build_random_4bit_model`). `trl_gae_ext.PPOTrainer` then runs `--iterations` PPO iterations
 with the adapter critic (LoRA r=16 on all linears, gradient checkpointing, one epoch, `--micro-batch-size`
 micro-batches accumulated into one optimizer step), every response forced to `--response-length` tokens
-(`min_new_tokens`). `--no-kbit-upcast` hands the trainer the model without its 4-bit marker, so the embeddings,
-norms and lm_head stay bf16 (no `prepare_model_for_kbit_training`); `--logprob-chunk-size` is passed to PPOConfig
-where the trainer has that field.
+(`min_new_tokens`). `--kbit-upcast` / `--no-kbit-upcast` and `--logprob-chunk-size` are PPOConfig's `kbit_upcast`
+(fp32 embeddings, norms and lm_head through `prepare_model_for_kbit_training`, or the 4-bit base only frozen) and
+`logprob_chunk_size` (0 = full logits); both default to the trainer's defaults.
 
 Memory is the peak of the bytes the CPU allocator holds (`benchmarks/live_bytes.AllocatedBytes`: its own allocation
 records, kernel scratch included, plus the resident weights, quantization state and adapters allocated before)
