@@ -409,7 +409,20 @@ def _result(spec, clock, init_s, logs, trainer_version, torch) -> dict:
         "first_iteration": {k: logs[0].get(k) for k in METRICS} if logs else {},
         "last_iteration": {k: logs[-1].get(k) for k in METRICS} if logs else {},
         "response_length": logs[0].get("val/response_length") if logs else None,
+        # ours only: where an iteration's time goes (generation; the rest of the rollout: scoring passes, rewards,
+        # GAE), per timed iteration; the update is the iteration minus the rollout
+        "phase_s": _phase_seconds(logs[1:], [b - a for a, b in zip(marks, marks[1:])]),
     }
+
+
+def _phase_seconds(logs: list[dict], iteration_s: list[float]) -> dict | None:
+    if not logs or any("time/rollout_s" not in h for h in logs):
+        return None
+    n = len(logs)
+    generation = sum(h["time/generation_s"] for h in logs) / n
+    rollout = sum(h["time/rollout_s"] for h in logs) / n
+    iteration = sum(iteration_s) / len(iteration_s)
+    return {"generation": generation, "scoring": rollout - generation, "update": iteration - rollout}
 
 
 # -- report ------------------------------------------------------------------------------------------------------------
@@ -510,6 +523,12 @@ def report(spec: dict, ours: list[dict], old: list[dict], wall_s: float) -> str:
         lines.append(
             f"| {key} | {_fmt(ours[0]['first_iteration'].get(key))} | {_fmt(old[0]['first_iteration'].get(key))} |"
         )
+    phases = [r["phase_s"] for r in ours if r.get("phase_s")]
+    if phases:
+        mean = {k: sum(p[k] for p in phases) / len(phases) for k in phases[0]}
+        total = sum(mean.values())
+        parts = ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in mean.items())
+        lines += ["", f"Where trl_gae_ext's timed iterations go (mean per iteration): {parts}."]
     lines += ["", f"Total wall time of this script: {wall_s:.0f} s.", ""]
     return "\n".join(lines)
 
