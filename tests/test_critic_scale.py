@@ -75,14 +75,41 @@ def test_return_scale_is_fitted_once_to_the_first_rollouts_returns(tmp_path, tok
 
 
 def test_training_does_not_depend_on_the_rewards_units(tmp_path, tokenizer):
-    """Rewards x 1000: the same policy and the critic's values x 1000. Without the KL penalty (its own units), value
-    clipping (a range in reward units) and gradient-norm clipping (the value loss grows with the reward's square),
-    nothing else in PPO has units: advantages are whitened and Adam's step ignores the gradient's scale."""
+    """The defaults (`scale_scores=True`): rewards x 1000 give the same rollouts, the same critic values and the same
+    policy, with the KL penalty, value clipping and gradient-norm clipping on. The scores enter the rewards in units
+    of their spread, so `kl_coef` weighs the KL against that spread (on SmolLM2 with BLEU scores of spread ~0.03, a
+    `kl_coef` in reward units kept the policy from moving: docs/learning.md)."""
+    runs = []
+    for factor in (1.0, 1000.0):
+        trainer, recorder = make_trainer(
+            tmp_path / str(factor), tokenizer, scaled(length_reward, factor), total_episodes=24
+        )
+        trainer.train()  # 3 iterations
+        runs.append((trainer, recorder))
+    (small, small_rec), (large, large_rec) = runs
+    for a, b in zip(small_rec.rollouts, large_rec.rollouts):
+        assert torch.equal(a.input_ids, b.input_ids)  # the same samples: the policies stayed equal
+        torch.testing.assert_close(b.old_values, a.old_values, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b.returns, a.returns, rtol=1e-4, atol=1e-6)
+    policy = dict(large.model.policy.named_parameters())
+    for name, p in small.model.policy.named_parameters():
+        torch.testing.assert_close(policy[name], p, rtol=1e-4, atol=1e-6)
+    assert small_rec.rollouts[-1].old_values.abs().max() > 0  # the critic did learn
+    # first rollout: KL 0 (reference = policy), gamma = lam_critic = 1, so the first token's return is the scaled score
+    first = small_rec.rollouts[0].returns[:, 0].double()
+    assert first.std().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_without_score_scaling_only_the_critic_has_the_rewards_units(tmp_path, tokenizer):
+    """`scale_scores=False`: rewards x 1000 give the same policy and the critic's values x 1000. Without the KL penalty
+    (then in reward units), value clipping (a range in reward units) and gradient-norm clipping (the value loss grows
+    with the reward's square), nothing else in PPO has units: advantages are whitened and Adam's step ignores the
+    gradient's scale."""
     runs = []
     for factor in (1.0, 1000.0):
         trainer, recorder = make_trainer(
             tmp_path / str(factor), tokenizer, scaled(length_reward, factor), kl_coef=0.0, cliprange_value=None,
-            max_grad_norm=0.0, total_episodes=24,
+            max_grad_norm=0.0, total_episodes=24, scale_scores=False,
         )  # fmt: skip
         trainer.train()  # 3 iterations
         runs.append((trainer, recorder))

@@ -39,7 +39,7 @@ PPO_OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "gamma", "lam", "lam_critic", "lam_adaptive_alpha", "bootstrap_truncated", "whiten_rewards",
         "whiten_advantages",
     ),
-    "PPO: the KL penalty": ("kl_coef", "kl_estimator", "kl_in_reward"),
+    "PPO: the KL penalty": ("kl_coef", "kl_estimator", "kl_in_reward", "scale_scores"),
     "PPO: the critic": ("value_head", "value_head_type", "value_head_dropout", "value_head_init_std", "value_head_return_scale", "critic_warmup_steps"),
     "PPO: the rollout (generation)": (
         "response_length", "max_prompt_length", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",

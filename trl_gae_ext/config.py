@@ -64,7 +64,7 @@ class PPOConfig(TrainingArguments):
         gamma, lam, lam_critic, lam_adaptive_alpha, bootstrap_truncated, whiten_rewards, whiten_advantages.
 
     Parameters that control the KL regularisation:
-        kl_coef, kl_estimator, kl_in_reward.
+        kl_coef, kl_estimator, kl_in_reward, scale_scores.
 
     Parameters that control the critic:
         value_head, value_head_type, value_head_dropout, value_head_init_std, value_head_return_scale,
@@ -215,6 +215,14 @@ class PPOConfig(TrainingArguments):
     kl_in_reward: bool = field(
         default=True,
         metadata={"help": "True: -kl_coef x KL is a per-token reward. False: kl_coef x KL is a loss term instead."},
+    )
+    scale_scores: bool = field(
+        default=True,
+        metadata={
+            "help": "Divide each rollout's sequence scores by their standard deviation (over all processes) before the "
+            "KL penalty is added, so that `kl_coef` weighs the KL against the scores' spread whatever the reward's "
+            "units (GRPO's scale_rewards='batch'). False: `kl_coef` is in reward units. Measured in docs/learning.md."
+        },
     )
 
     # Parameters that control the critic

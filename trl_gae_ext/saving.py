@@ -69,9 +69,10 @@ CITATION = """\
 CARD_SETTINGS = (
     "gamma", "lam", "lam_critic", "lam_adaptive_alpha", "bootstrap_truncated", "advantage_level", "whiten_rewards",
     "whiten_advantages", "num_ppo_epochs", "num_mini_batches", "cliprange", "dual_clip", "cliprange_value",
-    "vf_coef", "entropy_coef", "loss_aggregation", "kl_coef", "kl_estimator", "kl_in_reward", "value_head_type",
-    "value_head_init_std", "value_head_return_scale", "critic_warmup_steps", "response_length", "temperature",
-    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "total_episodes", "seed",
+    "vf_coef", "entropy_coef", "loss_aggregation", "kl_coef", "kl_estimator", "kl_in_reward", "scale_scores",
+    "value_head_type", "value_head_init_std", "value_head_return_scale", "critic_warmup_steps", "response_length",
+    "temperature", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "total_episodes",
+    "seed",
 )  # fmt: skip
 
 

@@ -350,13 +350,13 @@ class PPOTrainer(Trainer):
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~finished).float()
 
-        # 4. per-token rewards: score on the last response token, -beta * KL on every token
+        # 4. per-token rewards: score (in units of its spread) on the last response token, -beta * KL on every token
         mask_f = mask.float()
         kl = kl_penalty(logprobs, ref_logprobs, args.kl_estimator) * mask_f if ref_logprobs is not None else None
         non_score = -args.kl_coef * kl if (kl is not None and args.kl_in_reward) else torch.zeros_like(mask_f)
         lengths = mask.sum(1)
         rewards = non_score.clone()
-        rewards[torch.arange(len(scores), device=device), lengths - 1] += scores
+        rewards[torch.arange(len(scores), device=device), lengths - 1] += self._scaled_scores(scores)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask_f, shift_mean=False, **self._global_moments(rewards, mask_f))
 
@@ -457,6 +457,14 @@ class PPOTrainer(Trainer):
 
     def _log_reward_metric(self, name: str, value: float) -> None:
         self._metrics[name].append(float(value))
+
+    def _scaled_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores / std(scores)` over the rollout on all processes with `scale_scores` (unchanged when they are all
+        equal); the scores as they are without it."""
+        if not self.args.scale_scores:
+            return scores
+        std = self._global_moments(scores, torch.ones_like(scores))["var"].sqrt()
+        return scores / std if std > 1e-8 else scores
 
     def _global_moments(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mean and unbiased variance of `x` over `mask` across all processes (two passes, float64)."""
