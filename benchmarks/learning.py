@@ -1,6 +1,6 @@
 """Learning per completion: this package's PPO + GAE against TRL's GRPOTrainer and RLOOTrainer on equal budgets.
 
-    python benchmarks/learning.py                  # 9 methods x 3 seeds, ~11 min on 2 CPU cores (2 runs at a time)
+    python benchmarks/learning.py                  # 10 methods x 3 seeds, ~12 min on 2 CPU cores (2 runs at a time)
     python benchmarks/learning.py --quick          # seconds: smoke-sized, 3 methods, 1 seed (run by the tests)
     python benchmarks/learning.py --report-only    # redraw the table and plot from the saved runs
 
@@ -64,6 +64,7 @@ class Method:
 # fmt: off
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("ppo", "ppo", "PPO+GAE lambda actor 0.95 / critic 1.0 (package default)"),
+    Method("ppo-scaled", "ppo", "PPO+GAE default + scale_scores (scores / rollout std)", {"scale_scores": True}),
     Method("ppo-lam095", "ppo", "PPO+GAE lambda 0.95 for both (TRL 1.12)", {"lam": 0.95, "lam_critic": None}),
     Method("ppo-lam1", "ppo", "PPO+GAE lambda 1.0 for both", {"lam": 1.0, "lam_critic": None}),
     Method("ppo-warmup", "ppo", "PPO+GAE default, critic warm-up 5 batches", {"critic_warmup_steps": 5}),

@@ -86,7 +86,7 @@ class Method:
 # fmt: off
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("ppo", "ppo", "PPO+GAE, package defaults"),
-    Method("ppo-unscaled", "ppo", "PPO+GAE, kl_coef in reward units", {"scale_scores": False}),
+    Method("ppo-scaled", "ppo", "PPO+GAE, defaults + scale_scores", {"scale_scores": True}),
     Method("grpo-g4", "grpo", "TRL GRPO, group 4", {"num_generations": 4}),
     Method(
         "grpo-g4-dr", "grpo", "TRL Dr. GRPO, group 4",

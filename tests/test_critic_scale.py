@@ -74,15 +74,14 @@ def test_return_scale_is_fitted_once_to_the_first_rollouts_returns(tmp_path, tok
     assert first.old_values.abs().max() == 0  # the first rollout's values: zero-initialised head
 
 
-def test_training_does_not_depend_on_the_rewards_units(tmp_path, tokenizer):
-    """The defaults (`scale_scores=True`): rewards x 1000 give the same rollouts, the same critic values and the same
-    policy, with the KL penalty, value clipping and gradient-norm clipping on. The scores enter the rewards in units
-    of their spread, so `kl_coef` weighs the KL against that spread (on SmolLM2 with BLEU scores of spread ~0.03, a
-    `kl_coef` in reward units kept the policy from moving: docs/learning.md)."""
+def test_with_score_scaling_training_does_not_depend_on_the_rewards_units(tmp_path, tokenizer):
+    """`scale_scores=True`: rewards x 1000 give the same rollouts, the same critic values and the same policy, with
+    the KL penalty, value clipping and gradient-norm clipping on. The scores enter the rewards in units of their
+    spread, so `kl_coef` weighs the KL against that spread (docs/learning.md measures it on SmolLM2 and the demo)."""
     runs = []
     for factor in (1.0, 1000.0):
         trainer, recorder = make_trainer(
-            tmp_path / str(factor), tokenizer, scaled(length_reward, factor), total_episodes=24
+            tmp_path / str(factor), tokenizer, scaled(length_reward, factor), total_episodes=24, scale_scores=True
         )
         trainer.train()  # 3 iterations
         runs.append((trainer, recorder))
@@ -100,16 +99,16 @@ def test_training_does_not_depend_on_the_rewards_units(tmp_path, tokenizer):
     assert first.std().item() == pytest.approx(1.0, rel=1e-5)
 
 
-def test_without_score_scaling_only_the_critic_has_the_rewards_units(tmp_path, tokenizer):
-    """`scale_scores=False`: rewards x 1000 give the same policy and the critic's values x 1000. Without the KL penalty
-    (then in reward units), value clipping (a range in reward units) and gradient-norm clipping (the value loss grows
-    with the reward's square), nothing else in PPO has units: advantages are whitened and Adam's step ignores the
-    gradient's scale."""
+def test_training_does_not_depend_on_the_rewards_units(tmp_path, tokenizer):
+    """The defaults (`scale_scores=False`): rewards x 1000 give the same policy and the critic's values x 1000.
+    Without the KL penalty (then in reward units), value clipping (a range in reward units) and gradient-norm clipping
+    (the value loss grows with the reward's square), nothing else in PPO has units: advantages are whitened and
+    Adam's step ignores the gradient's scale."""
     runs = []
     for factor in (1.0, 1000.0):
         trainer, recorder = make_trainer(
             tmp_path / str(factor), tokenizer, scaled(length_reward, factor), kl_coef=0.0, cliprange_value=None,
-            max_grad_norm=0.0, total_episodes=24, scale_scores=False,
+            max_grad_norm=0.0, total_episodes=24,
         )  # fmt: skip
         trainer.train()  # 3 iterations
         runs.append((trainer, recorder))

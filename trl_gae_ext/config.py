@@ -217,11 +217,12 @@ class PPOConfig(TrainingArguments):
         metadata={"help": "True: -kl_coef x KL is a per-token reward. False: kl_coef x KL is a loss term instead."},
     )
     scale_scores: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "Divide each rollout's sequence scores by their standard deviation (over all processes) before the "
             "KL penalty is added, so that `kl_coef` weighs the KL against the scores' spread whatever the reward's "
-            "units (GRPO's scale_rewards='batch'). False: `kl_coef` is in reward units. Measured in docs/learning.md."
+            "units (GRPO's scale_rewards='batch'). Off: `kl_coef` is in reward units, as in TRL 1.12. Measured both "
+            "ways in docs/learning.md."
         },
     )
 
