@@ -65,6 +65,11 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("ppo", "ppo", "PPO+GAE lambda actor 0.95 / critic 1.0 (package default)"),
     Method("ppo-scaled", "ppo", "PPO+GAE default + scale_scores (scores / rollout std)", {"scale_scores": True}),
+    Method(
+        "ppo-critic-old", "ppo", "PPO+GAE default, critic as before issue 12 (random head, no return scale)",
+        {"value_head_init_std": None, "value_head_return_scale": False},
+    ),
+    Method("ppo-zero-head", "ppo", "PPO+GAE default, zero head without return scale", {"value_head_return_scale": False}),
     Method("ppo-lam095", "ppo", "PPO+GAE lambda 0.95 for both (TRL 1.12)", {"lam": 0.95, "lam_critic": None}),
     Method("ppo-lam1", "ppo", "PPO+GAE lambda 1.0 for both", {"lam": 1.0, "lam_critic": None}),
     Method("ppo-warmup", "ppo", "PPO+GAE default, critic warm-up 5 batches", {"critic_warmup_steps": 5}),

@@ -1,5 +1,5 @@
 """The critic on rewards of any units: the value head starts at zero output (`PPOConfig.value_head_init_std=0`) and
-its output scale is fitted once to the spread of the first rollout's returns (`value_head_return_scale=True`), so
+its output scale can be fitted once to the spread of the first rollout's returns (`value_head_return_scale=True`), so
 that Adam's steps, which are about the learning rate per weight whatever the gradient's size, are sized to the
 returns. On SmolLM2 with a BLEU reward (returns ~0.02) the old random init predicted +-1 and the critic never caught
 up (docs/learning.md)."""
@@ -42,7 +42,7 @@ class RolloutRecorder(TrainerCallback):
 def make_trainer(tmp_path, tokenizer, reward, **overrides):
     fields = dict(
         per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=2, response_length=5, learning_rate=3e-3,
-        total_episodes=16, kl_coef=0.05, temperature=1.0, logging_steps=1,
+        total_episodes=16, kl_coef=0.05, temperature=1.0, logging_steps=1, value_head_return_scale=True,
     )  # fmt: skip
     args = offline_args(tmp_path, **{**fields, **overrides})
     model = build_tiny_model(tokenizer, hidden_size=32, num_attention_heads=2, seed=0)
@@ -100,7 +100,7 @@ def test_with_score_scaling_training_does_not_depend_on_the_rewards_units(tmp_pa
 
 
 def test_training_does_not_depend_on_the_rewards_units(tmp_path, tokenizer):
-    """The defaults (`scale_scores=False`): rewards x 1000 give the same policy and the critic's values x 1000.
+    """`scale_scores=False` (the default) with the return scale: rewards x 1000 give the same policy and the critic's values x 1000.
     Without the KL penalty (then in reward units), value clipping (a range in reward units) and gradient-norm clipping
     (the value loss grows with the reward's square), nothing else in PPO has units: advantages are whitened and
     Adam's step ignores the gradient's scale."""

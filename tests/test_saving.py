@@ -324,7 +324,7 @@ def test_push_to_hub_uploads_a_loadable_repository_with_the_model_card(tmp_path,
     assert {"trl", "ppo", "gae", "trl-gae-ext"} <= set(card.data.tags)
     assert card.data.base_model == "someone/tiny-llama" and card.data.datasets == "someone/prompts"
     assert card.data.library_name == ("peft" if peft else "transformers")
-    card_rows = ("| `lam` | 0.95 |", "| `value_head_return_scale` | True |")
+    card_rows = ("| `lam` | 0.95 |", "| `value_head_return_scale` | False |")
     for text in ("arXiv:1707.06347", "arXiv:1506.02438", *card_rows, f'value_head="{case}"'):
         assert text in card.text, text
 
