@@ -86,7 +86,11 @@ class Method:
 # fmt: off
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("ppo", "ppo", "PPO+GAE, package defaults"),
-    Method("ppo-scaled", "ppo", "PPO+GAE, defaults + scale_scores", {"scale_scores": True}),
+    Method("ppo-return-scale", "ppo", "PPO+GAE + value_head_return_scale", {"value_head_return_scale": True}),
+    Method(
+        "ppo-scaled", "ppo", "PPO+GAE + value_head_return_scale + scale_scores",
+        {"value_head_return_scale": True, "scale_scores": True},
+    ),
     Method("grpo-g4", "grpo", "TRL GRPO, group 4", {"num_generations": 4}),
     Method(
         "grpo-g4-dr", "grpo", "TRL Dr. GRPO, group 4",
@@ -329,7 +333,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def render_markdown(rows: dict, runs: list[dict], start: dict, heldout, meta: dict) -> str:
-    fmt = "{:.1f} ± {:.1f}"
+    fmt = "{:.2f} ± {:.2f}"
     lines = [
         f"Measured {meta['date']} on {meta['machine']}; command: `{meta['command']}`; seeds {meta['seeds']}; "
         f"{meta['budget']} completions per run; {len(start['outputs'])} held-out pairs.",
