@@ -459,8 +459,7 @@ class PPOTrainer(Trainer):
         self._metrics[name].append(float(value))
 
     def _scaled_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """`scores / std(scores)` over the rollout on all processes with `scale_scores` (unchanged when they are all
-        equal); the scores as they are without it."""
+        """With `scale_scores`: `scores / std(scores)` over the rollout on all processes (as is when all equal)."""
         if not self.args.scale_scores:
             return scores
         std = self._global_moments(scores, torch.ones_like(scores))["var"].sqrt()
