@@ -49,3 +49,15 @@ def make_prompts(n: int, conversational: bool = False):
     if conversational:
         prompts = [[{"role": "user", "content": p}] for p in prompts]
     return prompts
+
+
+def load_benchmark(name: str):
+    """`benchmarks/<name>.py` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

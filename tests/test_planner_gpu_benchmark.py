@@ -1,29 +1,18 @@
 """`benchmarks/memory_gpu.py`, the prepared GPU measurement, on the CPU: its arguments, the shapes and settings it
 measures, its dry run (the planner's figures it will be compared with), and its whole code path at a tiny shape."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from trl_gae_ext.planner import GIB, REFERENCE_CONFIGS, estimate_ppo_memory
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def memory_gpu():
-    return _load("memory_gpu")
+    return load_benchmark("memory_gpu")
 
 
 def test_defaults_are_the_issue_setup(memory_gpu):

@@ -7,11 +7,9 @@ log-softmax, the checkpointed layers' backward, accumulated micro-batches), at s
 large part of the total. `benchmarks/memory_cpu.py` runs the same measurement at the Qwen2.5-0.5B/1.5B shapes.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_benchmark
 
 
 pytest.importorskip("bitsandbytes")
@@ -19,7 +17,6 @@ pytest.importorskip("bitsandbytes")
 from trl_gae_ext.planner import estimate_ppo_memory  # noqa: E402
 
 
-ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.15
 
 # a Qwen2-style shape; the MLP is 5.5x the hidden size, as in Qwen2.5
@@ -42,16 +39,9 @@ CASES = {
 }  # fmt: skip
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def benchmarks():
-    return _load("memory_gpu"), _load("memory_cpu")
+    return load_benchmark("memory_gpu"), load_benchmark("memory_cpu")
 
 
 @pytest.fixture
