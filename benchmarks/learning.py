@@ -64,7 +64,8 @@ class Method:
 # fmt: off
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("ppo", "ppo", "PPO+GAE lambda actor 0.95 / critic 1.0 (package default)"),
-    Method("ppo-scaled", "ppo", "PPO+GAE default + scale_scores (scores / rollout std)", {"scale_scores": True}),
+    Method("ppo-scaled", "ppo", "PPO+GAE default + scale_scores (scores / rollout std)", {"scale_scores": "batch"}),
+    Method("ppo-first", "ppo", "PPO+GAE default + scale_scores='first' (scores / first std)", {"scale_scores": "first"}),
     Method(
         "ppo-critic-old", "ppo", "PPO+GAE default, critic as before issue 12 (random head, no return scale)",
         {"value_head_init_std": None, "value_head_return_scale": False},

@@ -89,8 +89,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("ppo-return-scale", "ppo", "PPO+GAE + value_head_return_scale", {"value_head_return_scale": True}),
     Method(
         "ppo-scaled", "ppo", "PPO+GAE + value_head_return_scale + scale_scores",
-        {"value_head_return_scale": True, "scale_scores": True},
+        {"value_head_return_scale": True, "scale_scores": "batch"},
     ),
+    Method("ppo-first", "ppo", "PPO+GAE + scale_scores='first'", {"scale_scores": "first"}),
     Method("grpo-g4", "grpo", "TRL GRPO, group 4", {"num_generations": 4}),
     Method(
         "grpo-g4-dr", "grpo", "TRL Dr. GRPO, group 4",

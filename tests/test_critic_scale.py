@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from trl_gae_ext import PPOTrainer, ValueHead
 from trl_gae_ext.tiny import build_tiny_model
+from trl_gae_ext.value_head import scaled_scores
 
 
 def length_reward(prompts, completions, **kwargs):
@@ -74,14 +75,16 @@ def test_return_scale_is_fitted_once_to_the_first_rollouts_returns(tmp_path, tok
     assert first.old_values.abs().max() == 0  # the first rollout's values: zero-initialised head
 
 
-def test_with_score_scaling_training_does_not_depend_on_the_rewards_units(tmp_path, tokenizer):
-    """`scale_scores=True`: rewards x 1000 give the same rollouts, the same critic values and the same policy, with
-    the KL penalty, value clipping and gradient-norm clipping on. The scores enter the rewards in units of their
-    spread, so `kl_coef` weighs the KL against that spread (docs/learning.md measures it on SmolLM2 and the demo)."""
+@pytest.mark.parametrize("mode", ["batch", "first"])
+def test_with_score_scaling_training_does_not_depend_on_the_rewards_units(tmp_path, tokenizer, mode):
+    """`scale_scores='batch'|'first'`: rewards x 1000 give the same rollouts, the same critic values and the same
+    policy, with the KL penalty, value clipping and gradient-norm clipping on. The scores enter the rewards in units of
+    their spread, so `kl_coef` weighs the KL against that spread (docs/learning.md measures it on SmolLM2 and the
+    demo)."""
     runs = []
     for factor in (1.0, 1000.0):
         trainer, recorder = make_trainer(
-            tmp_path / str(factor), tokenizer, scaled(length_reward, factor), total_episodes=24, scale_scores=True
+            tmp_path / str(factor), tokenizer, scaled(length_reward, factor), total_episodes=24, scale_scores=mode
         )
         trainer.train()  # 3 iterations
         runs.append((trainer, recorder))
@@ -97,6 +100,41 @@ def test_with_score_scaling_training_does_not_depend_on_the_rewards_units(tmp_pa
     # first rollout: KL 0 (reference = policy), gamma = lam_critic = 1, so the first token's return is the scaled score
     first = small_rec.rollouts[0].returns[:, 0].double()
     assert first.std().item() == pytest.approx(1.0, rel=1e-5)
+    if mode == "first":  # fitted once, in the reward's units
+        assert large.model.score_scale == pytest.approx(1000.0 * small.model.score_scale, rel=1e-5)
+
+
+class Critic:
+    """What `scaled_scores` reads and writes on the trainer's `PolicyValueModel`."""
+
+    score_scale = None
+
+
+def moments(x, mask):
+    return {"mean": x.mean(), "var": x.var()}
+
+
+def test_scaled_scores_divide_by_the_batch_or_the_first_varied_rollouts_spread():
+    first, later, equal = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([10.0, 11.0, 11.5]), torch.full((3,), 0.5)
+    torch.testing.assert_close(scaled_scores(first, "none", Critic(), moments), first)
+    torch.testing.assert_close(scaled_scores(later, "batch", Critic(), moments), later / later.std())
+
+    critic = Critic()
+    torch.testing.assert_close(scaled_scores(equal, "first", critic, moments), equal)  # no spread yet: as is
+    assert critic.score_scale is None
+    torch.testing.assert_close(scaled_scores(first, "first", critic, moments), first / first.std())
+    assert critic.score_scale == pytest.approx(first.std().item())
+    torch.testing.assert_close(scaled_scores(later, "first", critic, moments), later / first.std())  # kept
+
+
+@pytest.mark.parametrize(("given", "mode"), [(True, "batch"), (False, "none"), ("true", "batch"), ("first", "first")])
+def test_scale_scores_takes_the_old_booleans(tmp_path, given, mode):
+    assert offline_args(tmp_path, scale_scores=given).scale_scores == mode
+
+
+def test_scale_scores_refuses_unknown_modes(tmp_path):
+    with pytest.raises(ValueError, match="scale_scores='group'.*'none', 'batch', 'first'"):
+        offline_args(tmp_path, scale_scores="group")
 
 
 def test_training_does_not_depend_on_the_rewards_units(tmp_path, tokenizer):

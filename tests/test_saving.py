@@ -213,6 +213,20 @@ def test_resume_from_the_ordinary_layout_is_bit_identical(tmp_path, build, case)
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
+def test_resume_keeps_the_first_rollouts_score_scale(tmp_path, build):
+    """`scale_scores="first"`: the critic's values are in units of the first rollout's score spread, so the scale is
+    saved with the critic and a resumed run goes on with it rather than refitting it on a later rollout."""
+    straight = run(build, tmp_path, "adapter", "straight", scale_scores="first")
+    saved = json.loads((tmp_path / "straight" / "checkpoint-2" / "critic" / "critic_layout.json").read_text())
+    assert saved["score_scale"] == straight.model.score_scale > 0
+    resumed = run(build, tmp_path, "adapter", "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"),
+                  scale_scores="first")  # fmt: skip
+    assert resumed.model.score_scale == straight.model.score_scale
+    a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
 def test_resume_on_a_4bit_base_with_the_adapter_critic(tmp_path, tokenizer, tiny_model_dir):
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig

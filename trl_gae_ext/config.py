@@ -21,6 +21,7 @@ ADVANTAGE_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean")
 STOP_TOKENS = ("eos",)
+SCORE_SCALES = ("none", "batch", "first")
 
 
 def _check_choice(name: str, value: Any, valid: tuple) -> None:
@@ -216,13 +217,14 @@ class PPOConfig(TrainingArguments):
         default=True,
         metadata={"help": "True: -kl_coef x KL is a per-token reward. False: kl_coef x KL is a loss term instead."},
     )
-    scale_scores: bool = field(
-        default=False,
+    scale_scores: str = field(
+        default="none",
         metadata={
-            "help": "Divide each rollout's sequence scores by their standard deviation (over all processes) before the "
-            "KL penalty is added, so that `kl_coef` weighs the KL against the scores' spread whatever the reward's "
-            "units (GRPO's scale_rewards='batch'). Off: `kl_coef` is in reward units, as in TRL 1.12. Measured both "
-            "ways in docs/learning.md."
+            "help": "Divide the sequence scores by their standard deviation (over all processes) before the KL "
+            "penalty is added, so that `kl_coef` weighs the KL against the scores' spread whatever the reward's "
+            "units. 'none': `kl_coef` is in reward units, as in TRL 1.12. 'batch': each rollout's own spread "
+            "(GRPO's scale_rewards='batch'; True means this). 'first': the spread of the first rollout whose scores "
+            "vary, kept for the run and saved with the critic. Measured in docs/learning.md."
         },
     )
 
@@ -281,6 +283,9 @@ class PPOConfig(TrainingArguments):
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _check_choice("loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
         _check_choice("value_head_type", self.value_head_type, ("linear", "mlp"))
+        if isinstance(self.scale_scores, bool) or str(self.scale_scores).lower() in ("true", "false"):
+            self.scale_scores = "batch" if str(self.scale_scores).lower() == "true" else "none"  # bools: on/off
+        _check_choice("scale_scores", self.scale_scores, SCORE_SCALES)
         if self.stop_token is not None:
             _check_choice("stop_token", self.stop_token, STOP_TOKENS)
             if self.stop_token_id is not None:

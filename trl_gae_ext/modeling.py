@@ -246,6 +246,9 @@ class PolicyValueModel(nn.Module):
         self.critic = critic
         self.layout = layout
         self.logprob_chunk_size = logprob_chunk_size
+        # `scale_scores="first"`: the divisor of the scores, fitted at the first varied rollout; the critic's values
+        # are in these units, so it is saved and loaded with the critic (`saving`)
+        self.score_scale: float | None = None
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(

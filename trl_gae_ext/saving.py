@@ -7,7 +7,7 @@ dir/
   README.md                                           model card (TRL's template, PPO/GAE settings, citations)
   tokenizer files, training_args.bin
   critic/
-    critic_layout.json                                {"layout": "shared" | "adapter" | "separate", "head": ...}
+    critic_layout.json                                {"layout": ..., "head": ..., "score_scale": (if fitted)}
     value_head.safetensors, value_head_config.json    a `ValueHead` (`ValueHead.from_pretrained` reads it)
     score_head.safetensors                            a sequence classifier's `score` layer (`ScoreHead`), instead
     adapter_config.json, adapter_model.safetensors    layout "adapter": the `critic` LoRA adapter
@@ -130,6 +130,8 @@ def save_pretrained(model, output_dir: str, state_dict: dict[str, torch.Tensor] 
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         safetensors.torch.save_file(state, os.path.join(critic_dir, SCORE_HEAD_WEIGHTS_NAME), {"format": "pt"})
     manifest = {"layout": model.layout, "head": type(head).__name__}
+    if getattr(model, "score_scale", None) is not None:  # `scale_scores="first"`: the units of the critic's values
+        manifest["score_scale"] = model.score_scale
     with open(os.path.join(critic_dir, CRITIC_MANIFEST_NAME), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
 
@@ -148,6 +150,8 @@ def load_critic(model, input_dir: str) -> None:
             f"is {model.layout!r} with a {head_type}: build it with the same `value_head` (and `value_model`)."
         )
     _load_head(model.value_head, critic_dir)
+    if "score_scale" in manifest:
+        model.score_scale = manifest["score_scale"]
     if model.layout == "adapter":
         _load_adapter(model.policy, critic_dir, CRITIC_ADAPTER)
     elif model.layout == "separate":

@@ -64,7 +64,7 @@ from .modeling import (
 from .qlora import attach_adapters, is_quantized, load_policy, model_init_kwargs
 from .rollout import Rollout, RolloutSampler, minibatch_counts, minibatch_plan, truncate_at_stop
 from .scoring import RewardScorer, check_reward_columns, load_reward_funcs
-from .value_head import fit_return_scale
+from .value_head import fit_return_scale, scaled_scores
 
 
 logger = logging.getLogger(__name__)
@@ -356,7 +356,9 @@ class PPOTrainer(Trainer):
         non_score = -args.kl_coef * kl if (kl is not None and args.kl_in_reward) else torch.zeros_like(mask_f)
         lengths = mask.sum(1)
         rewards = non_score.clone()
-        rewards[torch.arange(len(scores), device=device), lengths - 1] += self._scaled_scores(scores)
+        rewards[torch.arange(len(scores), device=device), lengths - 1] += scaled_scores(
+            scores, args.scale_scores, wrapper, self._global_moments
+        )
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask_f, shift_mean=False, **self._global_moments(rewards, mask_f))
 
@@ -458,13 +460,6 @@ class PPOTrainer(Trainer):
     def _log_reward_metric(self, name: str, value: float) -> None:
         self._metrics[name].append(float(value))
 
-    def _scaled_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """With `scale_scores`: `scores / std(scores)` over the rollout on all processes (as is when all equal)."""
-        if not self.args.scale_scores:
-            return scores
-        std = self._global_moments(scores, torch.ones_like(scores))["var"].sqrt()
-        return scores / std if std > 1e-8 else scores
-
     def _global_moments(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mean and unbiased variance of `x` over `mask` across all processes (two passes, float64)."""
         x64, m64 = x.double(), mask.double()
@@ -503,6 +498,8 @@ class PPOTrainer(Trainer):
         vector = torch.stack([local[k].detach().float().to(device).nan_to_num(0.0) for k in names])
         stats = dict(zip(names, self.accelerator.reduce(vector, reduction="mean").tolist()))
         stats.setdefault("objective/kl", 0.0)
+        if (scale := self.accelerator.unwrap_model(self.model).score_scale) is not None:  # scale_scores="first"
+            stats["objective/score_scale"] = scale
         episodes = int(self.accelerator.reduce(n, reduction="sum").item())
         # derived from the step so that it survives a resume
         self._episodes = (self.state.global_step // self.args.steps_per_rollout + 1) * episodes

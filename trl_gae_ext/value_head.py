@@ -174,3 +174,26 @@ def fit_return_scale(head: nn.Module, rewards: torch.Tensor, mask: torch.Tensor,
     old = float(head.return_scale)
     head.set_return_scale(std)
     return std / old
+
+
+@torch.no_grad()
+def scaled_scores(scores: torch.Tensor, mode: str, model, moments) -> torch.Tensor:
+    """Sequence scores in the units PPO adds them to the rewards, as `PPOConfig.scale_scores` says.
+
+    'none': as they are. 'batch': `scores / std(scores)` of this rollout. 'first': divided by the std of the first
+    rollout whose scores vary, stored on `model` (a `PolicyValueModel`: `model.score_scale`, saved with the critic,
+    whose values are in these units) and kept from then on. Scores that are all equal are returned as they are.
+
+    Args:
+        scores: Shape: `[B]`, one score per sequence on this process.
+        moments: `(x, mask) -> {"mean", "var"}` over every process (the trainer's `_global_moments`).
+    """
+    scale = model.score_scale if mode == "first" else None
+    if mode != "none" and scale is None:
+        std = float(moments(scores, torch.ones_like(scores))["var"].sqrt())
+        if not std > 1e-8:
+            return scores
+        scale = std
+        if mode == "first":
+            model.score_scale = std
+    return scores if scale is None else scores / scale
