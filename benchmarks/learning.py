@@ -67,6 +67,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("ppo-scaled", "ppo", "PPO+GAE default + scale_scores (scores / rollout std)", {"scale_scores": "batch"}),
     Method("ppo-first", "ppo", "PPO+GAE default + scale_scores='first' (scores / first std)", {"scale_scores": "first"}),
     Method(
+        "ppo-first-kl02", "ppo", "PPO+GAE default + scale_scores='first', kl_coef 0.2",
+        {"scale_scores": "first", "kl_coef": 0.2},
+    ),
+    Method(
+        "ppo-first-kl03", "ppo", "PPO+GAE default + scale_scores='first', kl_coef 0.3",
+        {"scale_scores": "first", "kl_coef": 0.3},
+    ),
+    Method(
         "ppo-critic-old", "ppo", "PPO+GAE default, critic as before issue 12 (random head, no return scale)",
         {"value_head_init_std": None, "value_head_return_scale": False},
     ),
@@ -178,10 +186,9 @@ def build_trainer(method: Method, policy, tokenizer, dataset, reward, budget: in
             num_ppo_epochs=PASSES,
             response_length=RESPONSE_LENGTH,
             max_prompt_length=8,
-            kl_coef=KL_COEF,
             gamma=1.0,
             value_head="separate",
-            **method.options,
+            **({"kl_coef": KL_COEF} | method.options),
         )
         return PPOTrainer(
             policy, reward, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback]
@@ -274,6 +281,7 @@ def run_one(method_name: str, seed: int, size: str, budget: int, eval_every: int
         "size": size,
         "records": records,
         "train_seconds": clock["train"],
+        "score_scale": getattr(trainer.model, "score_scale", None),  # PPO with scale_scores="first"
     }
     path = run_path(out, method.name, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -92,6 +92,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
         {"value_head_return_scale": True, "scale_scores": "batch"},
     ),
     Method("ppo-first", "ppo", "PPO+GAE + scale_scores='first'", {"scale_scores": "first"}),
+    Method(
+        "ppo-first-kl02", "ppo", "PPO+GAE + scale_scores='first', kl_coef 0.2",
+        {"scale_scores": "first", "kl_coef": 0.2},
+    ),
+    Method(
+        "ppo-first-kl03", "ppo", "PPO+GAE + scale_scores='first', kl_coef 0.3",
+        {"scale_scores": "first", "kl_coef": 0.3},
+    ),
     Method("grpo-g4", "grpo", "TRL GRPO, group 4", {"num_generations": 4}),
     Method(
         "grpo-g4-dr", "grpo", "TRL Dr. GRPO, group 4",
@@ -179,8 +187,8 @@ def build_trainer(method: Method, model, tokenizer, dataset, reward, size: Size,
 
         args = PPOConfig(
             **common, total_episodes=size.budget, num_mini_batches=MINIBATCHES, num_ppo_epochs=PASSES,
-            response_length=size.response_length, max_prompt_length=128, kl_coef=KL_COEF, value_head="adapter",
-            **method.options,
+            response_length=size.response_length, max_prompt_length=128, value_head="adapter",
+            **({"kl_coef": KL_COEF} | method.options),
         )  # fmt: skip
         return PPOTrainer(
             model, reward, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
@@ -293,6 +301,7 @@ def run_one(method_name: str, seed: int, size_name: str, budget: int, out: str) 
     result = {
         "method": method.name, "label": method.label, "seed": seed, "budget": size.budget, "size": size_name,
         "records": records, "train_seconds": clock["train"], "critic": critic,
+        "score_scale": getattr(trainer.model, "score_scale", None),  # PPO with scale_scores="first"
         "outputs": final.get("outputs", [])[:EXAMPLES_SHOWN],
     }  # fmt: skip
     path = learning.run_path(out, method.name, seed)

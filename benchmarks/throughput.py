@@ -314,7 +314,7 @@ def worker_unchunked(spec: dict) -> dict:
     return worker_ours({**spec, "logprob_chunk_size": None})
 
 
-def worker_ours(spec: dict) -> dict:
+def worker_ours(spec: dict, callbacks=()) -> dict:
     import torch
     from datasets import Dataset
     from transformers import set_seed
@@ -328,6 +328,7 @@ def worker_ours(spec: dict) -> dict:
         **_common_args(spec, os.path.join(spec["workdir"], "out-ours")),
         kl_in_reward=True,  # TRL 1.12: -kl_coef x KL is a per-token reward
         lam_critic=None,  # TRL 1.12: one lambda for actor and critic
+        scale_scores="none",  # TRL 1.12: kl_coef in reward units
         whiten_advantages=True,
         logging_steps=spec["num_ppo_epochs"] * spec["num_mini_batches"],  # one log per iteration
         logprob_chunk_size=spec.get("logprob_chunk_size", 512),
@@ -342,7 +343,7 @@ def worker_ours(spec: dict) -> dict:
         processing_class=tokenizer,
         reward_processing_classes=tokenizer,
         value_model=value,
-        callbacks=[clock],
+        callbacks=[clock, *callbacks],
     )
     t1 = time.perf_counter()
     trainer.train()
