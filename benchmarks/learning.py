@@ -75,6 +75,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
         {"scale_scores": "first", "kl_coef": 0.3},
     ),
     Method(
+        "ppo-first-kl03-noclip", "ppo", "PPO+GAE default + scale_scores='first', kl_coef 0.3, no value clipping",
+        {"scale_scores": "first", "kl_coef": 0.3, "cliprange_value": None},
+    ),
+    Method(
         "ppo-critic-old", "ppo", "PPO+GAE default, critic as before issue 12 (random head, no return scale)",
         {"value_head_init_std": None, "value_head_return_scale": False},
     ),
