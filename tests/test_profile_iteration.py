@@ -19,9 +19,11 @@ def test_profile_names_every_phase_and_accounts_for_the_time(tmp_path):
     rows = re.findall(r"^\| ((?:&nbsp;)*)(.+?) \| ([\d.-]+) \| (-?\d+)% \|$", out, flags=re.M)
     outer = {label: float(s) for indent, label, s, _ in rows if not indent}
     nested = {label for indent, label, _, _ in rows if indent}
-    for phase in ("generation", "scoring passes (no grad)", "rewards (decode, re-tokenize, reward model)",
-                  "update: forwards and losses", "update: backward", "update: AdamW step"):  # fmt: skip
-        assert outer[phase] > 0, phase
+    phases = {"generation", "scoring passes (no grad)", "rewards (decode, re-tokenize, reward model)",
+              "update: forwards and losses", "update: backward", "update: AdamW step"}  # fmt: skip
+    assert phases <= outer.keys()  # each timed at least once (a tiny model's rewards may round to 0.00 s)
+    assert outer["generation"] > 0 and outer["update: backward"] > 0
     assert {"critic backbone", "reference log-probs", "log-prob pass (backbone + lm_head)"} <= nested
     other = outer.pop("other (trainer loop, GAE, statistics, logging)")
-    assert other >= 0 and abs(sum(outer.values()) + other - seconds) < 0.02 + 0.01 * seconds
+    rounding = 0.005 * (len(outer) + 1)  # every row is printed to 2 decimals
+    assert other >= -rounding and abs(sum(outer.values()) + other - seconds) < rounding + 0.01 * seconds
