@@ -243,8 +243,8 @@ def documented_metrics() -> set[str]:
 
 
 def test_metrics_table_lists_exactly_what_is_logged(tmp_path, tokenizer):
-    # kl_in_reward=False adds `loss/kl_avg`; evaluate() adds the eval metrics
-    args = make_args(tmp_path, kl_in_reward=False, kl_estimator="k3")
+    # kl_in_reward=False adds `loss/kl_avg`, scale_scores="first" `objective/score_scale`; evaluate() the eval metrics
+    args = make_args(tmp_path, kl_in_reward=False, kl_estimator="k3", scale_scores="first")
     trainer = PPOTrainer(llama(tokenizer), length_reward, args=args, train_dataset=dataset(),
                          eval_dataset=dataset(4), processing_class=tokenizer)  # fmt: skip
     trainer.train()
